@@ -1,0 +1,44 @@
+# aitbc-miner developer entry points. `make demo` and `make test` are the two
+# commands a newcomer runs; both create the venv and install what they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Debian packages needed to build and run: venv support, headers and
+# libsystemd for systemd-python, util-linux for the sandbox tools.
+DEB_PACKAGES := python3-venv python3-dev libsystemd-dev pkg-config gcc util-linux
+
+.PHONY: venv deps demo test run lint bench clean
+
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
+	fi
+
+$(STAMP): pyproject.toml | deps
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,systemd]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+run: $(STAMP)
+	MINER_AUTH=$${MINER_AUTH:-dev-bootstrap-token} $(PY) -m aitbc_miner run --config etc/config.dev.yaml
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check aitbc_miner mock_coordinator tests scripts
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .demo bench

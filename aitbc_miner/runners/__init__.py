@@ -1,0 +1,1 @@
+"""Job runners: the CLI runner (allowlisted programs) and the Python task runner."""

@@ -1,0 +1,1 @@
+"""A mock AITBC coordinator implementing PROTOCOL.md, for tests and the demo."""
