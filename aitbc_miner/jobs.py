@@ -358,12 +358,16 @@ class JobRun:
             }
 
             def body(attempt_stack: ExitStack) -> dict[str, Any]:
-                files = []
+                # metadata is a part of its own so the body is multipart even
+                # with no artifacts (data= alone would be url-encoded).
+                parts: list[tuple[str, Any]] = [
+                    ("metadata", (None, json.dumps(metadata), "application/json"))
+                ]
                 for rec in records:
                     fh = attempt_stack.enter_context(open(fds[rec.path], "rb", closefd=False))
                     fh.seek(0)
-                    files.append(("artifact", (rec.path, fh, rec.type)))
-                return {"data": {"metadata": json.dumps(metadata)}, "files": files}
+                    parts.append(("artifact", (rec.path, fh, rec.type)))
+                return {"files": parts}
 
             try:
                 await self.ctx.client.result(body, idempotency_key=key)

@@ -113,27 +113,49 @@ def main() -> int:
 
     with open(mock_log, "wb") as fh:
         mock = subprocess.Popen(
-            [python, "-m", "mock_coordinator", "--host", "127.0.0.1", "--port", "0",
-             "--ready-file", str(ready), "--data-dir", str(run_dir / "coordinator")],
-            stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, process_group=0,
+            [
+                python,
+                "-m",
+                "mock_coordinator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--ready-file",
+                str(ready),
+                "--data-dir",
+                str(run_dir / "coordinator"),
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            process_group=0,
         )
     miner = None
     try:
         wait_file(ready, mock, "mock coordinator")
         info = json.loads(ready.read_text())
         env = dict(os.environ)
-        env.update({
-            "MINER_AUTH": "dev-bootstrap-token",
-            "AITBC_MINER_COORDINATOR__BASE_URL": info["url"],
-            "AITBC_MINER_WORKSPACE__ROOT": str(run_dir / "miner" / "jobs"),
-            "AITBC_MINER_CACHE__ROOT": str(run_dir / "miner" / "cache"),
-            "AITBC_MINER_SECURITY__MANIFEST_KEYS": json.dumps({info["key_id"]: info["public_key"]}),
-            "AITBC_MINER_NODE_ID": "node-demo",
-        })
+        env.update(
+            {
+                "MINER_AUTH": "dev-bootstrap-token",
+                "AITBC_MINER_COORDINATOR__BASE_URL": info["url"],
+                "AITBC_MINER_WORKSPACE__ROOT": str(run_dir / "miner" / "jobs"),
+                "AITBC_MINER_CACHE__ROOT": str(run_dir / "miner" / "cache"),
+                "AITBC_MINER_SECURITY__MANIFEST_KEYS": json.dumps(
+                    {info["key_id"]: info["public_key"]}
+                ),
+                "AITBC_MINER_NODE_ID": "node-demo",
+            }
+        )
         with open(miner_log, "wb") as fh:
             miner = subprocess.Popen(
                 [python, "-m", "aitbc_miner", "run", "--config", str(REPO / "etc/config.dev.yaml")],
-                stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env, process_group=0,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=env,
+                process_group=0,
             )
         started = wait_log_event(miner_log, "miner_started", miner)
         wait_log_event(miner_log, "registered", miner)
@@ -149,7 +171,9 @@ def main() -> int:
             if all(s["state"] in FINAL for s in states.values()):
                 break
             if time.monotonic() > deadline:
-                print("demo: jobs did not finish in 60 s:", {k: v["state"] for k, v in states.items()})
+                print(
+                    "demo: jobs did not finish in 60 s:", {k: v["state"] for k, v in states.items()}
+                )
                 return 1
             time.sleep(0.1)
 
@@ -164,7 +188,14 @@ def main() -> int:
         print("\n== artifacts (as received by the coordinator) ==")
         for job_id, rec in states.items():
             for art in (rec.get("result") or {}).get("artifacts", []):
-                stored = run_dir / "coordinator" / "artifacts" / job_id / str(rec["attempt"]) / art["path"]
+                stored = (
+                    run_dir
+                    / "coordinator"
+                    / "artifacts"
+                    / job_id
+                    / str(rec["attempt"])
+                    / art["path"]
+                )
                 print(f"  {stored}  ({art['size']} bytes, sha256 {art['sha256'][:16]}...)")
         print(f"\n  miner workspace: {run_dir / 'miner' / 'jobs'}")
         print("\n== observe ==")

@@ -43,7 +43,8 @@ class MinerProcess:
 
     def find(self, event: str, **match: Any) -> list[dict[str, Any]]:
         return [
-            e for e in self.events()
+            e
+            for e in self.events()
             if e.get("event") == event and all(e.get(k) == v for k, v in match.items())
         ]
 
@@ -89,14 +90,18 @@ class MinerProcess:
             self.proc.wait()
 
 
-def miner_env(tmp_path: Path, mock: Any, *, node_id: str = "node-test", **overrides: str) -> dict[str, str]:
+def miner_env(
+    tmp_path: Path, mock: Any, *, node_id: str = "node-test", **overrides: str
+) -> dict[str, str]:
     """Environment for a miner using the dev config against `mock`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AITBC_MINER_")}
     env.update(
         {
             "MINER_AUTH": BOOTSTRAP,
             "AITBC_MINER_NODE_ID": node_id,
-            "AITBC_MINER_COORDINATOR__BASE_URL": mock.url if mock is not None else "http://127.0.0.1:9/api/v1",
+            "AITBC_MINER_COORDINATOR__BASE_URL": mock.url
+            if mock is not None
+            else "http://127.0.0.1:9/api/v1",
             "AITBC_MINER_WORKSPACE__ROOT": str(tmp_path / "ws" / "jobs"),
             "AITBC_MINER_CACHE__ROOT": str(tmp_path / "ws" / "cache"),
             "AITBC_MINER_HEALTH__LISTEN": "127.0.0.1:0",
@@ -115,8 +120,13 @@ def miner_env(tmp_path: Path, mock: Any, *, node_id: str = "node-test", **overri
 
 
 def start_miner(
-    tmp_path: Path, mock: Any, *, config: Path = DEV_CONFIG, node_id: str = "node-test",
-    wait_registered: bool = True, **overrides: str,
+    tmp_path: Path,
+    mock: Any,
+    *,
+    config: Path = DEV_CONFIG,
+    node_id: str = "node-test",
+    wait_registered: bool = True,
+    **overrides: str,
 ) -> MinerProcess:
     env = miner_env(tmp_path, mock, node_id=node_id, **overrides)
     log_path = tmp_path / f"miner-{node_id}.log"

@@ -32,5 +32,7 @@ def wait_for(
         except Exception as exc:  # the predicate may race the thing it watches
             last_exc = exc
         if time.monotonic() >= deadline:
-            raise WaitTimeout(f"timed out after {timeout}s waiting for {what or predicate}") from last_exc
+            raise WaitTimeout(
+                f"timed out after {timeout}s waiting for {what or predicate}"
+            ) from last_exc
         time.sleep(interval)
