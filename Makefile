@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # libsystemd for systemd-python, util-linux for the sandbox tools.
 DEB_PACKAGES := python3-venv python3-dev libsystemd-dev pkg-config gcc util-linux
 
-.PHONY: venv deps demo test run lint bench clean
+.PHONY: venv deps demo test fuzz run lint bench clean chaos system-test
 
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do \
@@ -33,6 +33,21 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The fuzz properties of tests/fuzz with a large example budget (a few minutes);
+# `make test` runs the same properties with a small one. Prints the input count.
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/fuzz
+
+# The system tests alone (tests/system: the unit under a real systemd booted in a
+# systemd-nspawn box, install.sh, journald, watchdog, promtool). `make test` runs
+# them too, but skips them (loudly) where no box can be booted; here that fails.
+# Needs root; the Debian rootfs is cached in /var/tmp/aitbc-miner-rootfs.
+system-test: $(STAMP)
+	AITBC_SYSTEM_TEST=require $(PY) -m pytest -q -m system tests/system
+
+chaos: $(STAMP)
+	$(PY) scripts/chaos.py --jobs 300 --kills 10 --terms 3
 
 run: $(STAMP)
 	MINER_AUTH=$${MINER_AUTH:-dev-bootstrap-token} $(PY) -m aitbc_miner run --config etc/config.dev.yaml

@@ -99,7 +99,7 @@ def _probe(cfg) -> int:
 
     inventory = GpuInventory(enabled=cfg.gpu.enable)
     gpus = inventory.snapshot()
-    usable = sum(1 for g in gpus if g.available)
+    usable = sum(1 for g in gpus if g.schedulable)
     runners = [
         n
         for n, on in (("cli", cfg.runners.cli.enable), ("python", cfg.runners.python.enable))
@@ -125,23 +125,48 @@ def _run(cfg, allowlist) -> int:
 
     from . import logs
     from .agent import Agent
+    from .sandbox.cgroups import CgroupUnavailable
 
     try:
-        logs.configure(cfg.logging.level, json=cfg.logging.json, path=cfg.logging.path)
+        # Under systemd, records go to journald with structured fields (NODE_ID,
+        # JOB_ID, EVENT, ERROR_CODE, PRIORITY) instead of plain stdout lines.
+        logs.configure(
+            cfg.logging.level,
+            json=cfg.logging.json,
+            path=cfg.logging.path,
+            journald=logs.journald_wanted(os.environ),
+        )
     except OSError as exc:
         return _fail(EXIT_CONFIG, f"logging.path: cannot open {cfg.logging.path}: {exc.strerror}")
     logs.register_secret(cfg.coordinator.auth_token.get_secret_value())
+    for hmac_key in cfg.security.hmac_keys.values():
+        logs.register_secret(hmac_key.get_secret_value())
     structlog.contextvars.bind_contextvars(node_id=cfg.node_id)
     for warning in allowlist.warnings:
         logs.get_logger().warning("allowlist_warning", detail=warning)
+    _not_dumpable()
     try:
-        trio.run(Agent(cfg, allowlist).run)
+        agent = Agent(cfg, allowlist)
+    except CgroupUnavailable as exc:
+        return _fail(EXIT_CONFIG, f"resources.cgroup: {exc}")
+    try:
+        trio.run(agent.run)
     except KeyboardInterrupt:
         return EXIT_OK
     except Exception as exc:
         logs.get_logger().exception("miner_crashed")
         return _fail(EXIT_RUNTIME, f"crashed: {type(exc).__name__}: {exc}")
     return EXIT_OK
+
+
+def _not_dumpable() -> None:
+    """PR_SET_DUMPABLE=0: /proc/<daemon>/environ, mem and fds become root-only, so a
+    job running under the same uid cannot read the bootstrap token from them."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
+        print("aitbc-miner: warning: could not make the daemon non-dumpable", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -9,34 +9,55 @@ deregister, exit 0); a second one cancels running jobs at once.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import structlog
 import trio
 
-from . import __version__, probe, systemd
+from . import __version__, inputs, probe, systemd, watchdog
 from ._trio import unwrap_group
-from .allowlist import Allowlist
+from .allowlist import Allowlist, AllowlistError, load_allowlist
 from .backoff import Backoff, jittered
+from .cache import open_cache
 from .config import MinerConfig
 from .coordinator import CoordinatorClient
 from .errors import CoordinatorError, CoordinatorUnavailable, NodeRejected
-from .gpu import GpuInfo, GpuInventory, NoGpuFree, choose_gpus
+from .gpu import (
+    GpuInfo,
+    GpuInventory,
+    NoGpuFree,
+    choose_gpus,
+    device_slots_free,
+    effective_free_mb,
+    vram_offers,
+)
+from .gpu_sweep import JobMark
+from .gpu_sweep import sweep as sweep_gpus
 from .health import serve_health
 from .jobs import JobContext, JobHandle, JobRun, job_handle_for
+from .journal import load_state
+from .lifecycle import Recovery
 from .manifest import Manifest, PullReply, RegisterReply
 from .metrics import Metrics
+from .recovery import Found, scan, sweep
+from .runners import python as py_runner
+from .sandbox.cgroups import detect
+from .sandbox.limits import LimitPolicy
+from .sandbox.spawner import ForkServer
 from .security import SignatureVerifier
 
 log = structlog.get_logger(__name__)
 
 REPORT_BOUND_S = 30.0  # after the drain deadline, how long final reports may still take
+DISK_RECHECK_S = 5.0  # while the workspace filesystem is too full to take jobs
 
 
 class Agent:
@@ -56,7 +77,13 @@ class Agent:
         self._allowlist = allowlist
         self.inventory = GpuInventory(nvml, enabled=cfg.gpu.enable)
         self.gpus: list[GpuInfo] = self.inventory.snapshot()
-        self.gpu_in_use: dict[str, int] = {}
+        self.gpu_in_use: dict[str, int] = {}  # uuid -> jobs placed on it
+        self.sandbox = detect(cfg.resources.cgroup)  # raises CgroupUnavailable when required
+        self.forkserver = ForkServer()
+        self.disk_low = False
+        self._inflight_pull: tuple[trio.CancelScope, dict[str, Any]] | None = None
+        self.gpu_reserved_mb: dict[str, int] = {}  # uuid -> VRAM those jobs asked for
+        self._gpu_claims: dict[str, tuple[tuple[str, ...], int]] = {}  # job_id -> (uuids, MiB)
         coord = cfg.coordinator
         self.client = CoordinatorClient(
             base_url=coord.base_url,
@@ -82,12 +109,19 @@ class Agent:
         self.gpu_used = 0
         self.heartbeat_interval = cfg.heartbeat.interval_s
         self.last_heartbeat_ok: float | None = None
+        # Watchdog rule inputs (watchdog.py): READY sent, and the heartbeat loop's last
+        # progress mark with the wait it announced before its next attempt.
+        self.ready_sent = False
+        self.last_loop_progress: float | None = None
+        self.next_heartbeat_in_s = 0.0
         self.health_urls: list[str] = []
         self._changed = trio.Event()
         self._heartbeat_now = trio.Event()
         self._startup_scope = trio.CancelScope()
         self._pull_scope = trio.CancelScope()
         self._jobs_scope: trio.CancelScope | None = None
+        self._recovery_scope = trio.CancelScope()
+        self.recovering: dict[str, trio.Event] = {}
         self._root: trio.Nursery | None = None
         self._forced = False
         self.metrics.slots_total.labels(kind="cpu").set(cfg.resources.max_concurrent_cpu)
@@ -97,7 +131,7 @@ class Agent:
 
     @property
     def gpu_capacity(self) -> int:
-        usable = sum(1 for g in self.gpus if g.available)
+        usable = sum(1 for g in self.gpus if g.schedulable)
         return min(self.cfg.resources.max_concurrent_gpu, usable * self.cfg.gpu.jobs_per_gpu)
 
     @property
@@ -146,7 +180,7 @@ class Agent:
         running = sum(1 for h in self.jobs.values() if h.phase.value == "RUNNING")
         return {
             "status": "draining" if self.draining else self.node_status,
-            "alive": True,
+            "alive": self.loop_verdict().healthy,
             "ready": ready,
             "node_id": self.node_id,
             "registered": self.client.registered,
@@ -158,16 +192,36 @@ class Agent:
                 "gpu": [self.gpu_used, self.gpu_capacity],
             },
             "cpu_load": round(os.getloadavg()[0], 2),
-            "vram_free_mb": [g.vram_free_mb for g in self.gpus if g.available],
+            "vram_free_mb": [g.vram_free_mb for g in self.gpus if g.schedulable],
             "version": __version__,
+            "sandbox": self.sandbox_status(),
         }
+
+    # -- watchdog (rule in watchdog.py) ------------------------------------------------------
+
+    def mark_loop_progress(self, next_in_s: float) -> None:
+        """The heartbeat loop finished an attempt and will try again within next_in_s."""
+        self.last_loop_progress = time.monotonic()
+        self.next_heartbeat_in_s = next_in_s
+
+    def watchdog_progress(self) -> watchdog.Progress:
+        return watchdog.Progress(
+            ready=self.ready_sent,
+            rejected=self.node_status == "rejected",
+            last_progress=self.last_loop_progress,
+            next_in_s=self.next_heartbeat_in_s,
+            attempt_budget_s=watchdog.attempt_budget(self.cfg.coordinator.timeout_s),
+        )
+
+    def loop_verdict(self) -> watchdog.Verdict:
+        return watchdog.verdict(self.watchdog_progress(), time.monotonic())
 
     # -- lifetime -------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         structlog.contextvars.bind_contextvars(node_id=self.node_id)
-        downloads = httpx.AsyncClient(
-            timeout=self.cfg.coordinator.timeout_s, follow_redirects=True, max_redirects=5
+        downloads = inputs.download_client(
+            self.cfg.coordinator.timeout_s, allow_private=self.cfg.security.allow_private_inputs
         )
         try:
             with unwrap_group():
@@ -195,20 +249,56 @@ class Agent:
                         runners=self.runners(),
                         workspace=str(self.cfg.workspace.root),
                     )
+                    await self.forkserver.open()
+                    self._log_sandbox()
                     task_status.started()
+                    if systemd.available():
+                        root.start_soon(watchdog.watchdog_loop, self.watchdog_progress)
                     with self._startup_scope:
                         await self._register_until_done()
                     if self.client.registered and not self.draining:
                         systemd.notify("READY=1")
+                        self.ready_sent = True
+                        self.mark_loop_progress(0.0)
                         root.start_soon(self._heartbeat_loop)
+                        root.start_soon(self._sweep_loop)
                         await self._serve_jobs(self._job_context(downloads))
                         await self._deregister()
                     root.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
+                await self.forkserver.aclose()
                 await downloads.aclose()
                 await self.client.aclose()
         log.info("miner_stopped")
+
+    def sandbox_status(self) -> dict[str, Any]:
+        enforced = dict(self.sandbox.enforced())
+        enforced["network"] = (
+            "private namespace (loopback only)" if self.forkserver.netns == "ok" else "NOT ISOLATED"
+        )
+        enforced["filesystem"] = (
+            f"landlock ABI {self.forkserver.landlock_abi} (own workspace + system dirs)"
+            if self.cfg.resources.landlock and self.forkserver.landlock_abi > 0
+            else "NOT CONFINED (uid and file modes only)"
+        )
+        enforced["rlimits"] = "nofile, nproc, fsize, core=0; no_new_privs; nice/ionice"
+        return enforced
+
+    def _log_sandbox(self) -> None:
+        status = self.sandbox_status()
+        log.info(
+            "sandbox",
+            **status,
+            cgroup_mode=self.cfg.resources.cgroup,
+            reason=self.sandbox.reason or None,
+        )
+        if self.forkserver.netns != "ok":
+            log.warning(
+                "network_isolation_unavailable",
+                detail="jobs whose allowlist entry says network: false will still reach the "
+                "network: this host allows neither user nor network namespaces",
+            )
 
     def _job_context(self, downloads: httpx.AsyncClient) -> JobContext:
         sec = self.cfg.security
@@ -226,6 +316,21 @@ class Agent:
             metrics=self.metrics,
             downloads=downloads,
             choose_gpus=self._choose_gpus,
+            spawner=self.forkserver,
+            sandbox=self.sandbox,
+            limit_policy=LimitPolicy(
+                cpu_nice=self.cfg.resources.cpu_nice,
+                io_class=self.cfg.resources.io_class,
+                io_level=self.cfg.resources.io_level,
+                max_open_files=self.cfg.resources.max_open_files,
+                max_processes=self.cfg.resources.max_processes,
+            ),
+            netns=self.forkserver.netns == "ok",
+            landlock=self.cfg.resources.landlock and self.forkserver.landlock_abi > 0,
+            python_read=python_read_paths(self.cfg),
+            cache=open_cache(
+                self.cfg.cache.root, self.cfg.cache.max_gb, self.cfg.cache.pinned, self.metrics
+            ),
         )
 
     def begin_drain(self, reason: str) -> None:
@@ -246,6 +351,7 @@ class Agent:
         self._changed_now()
         if self._root is not None:
             self._root.start_soon(self._drain_deadline)
+            self._root.start_soon(self._bound_recovery)
 
     def force_stop(self, reason: str) -> None:
         """Second stop request: cancel running jobs now."""
@@ -277,9 +383,33 @@ class Agent:
             self._jobs_scope.cancel()
 
     async def _signal_loop(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
-                self.begin_drain(signal.Signals(signum).name)
+                if signum == signal.SIGHUP:
+                    await self.reload_allowlist()
+                else:
+                    self.begin_drain(signal.Signals(signum).name)
+
+    async def reload_allowlist(self) -> None:
+        """SIGHUP: swap in freshly loaded allowlist files; keep the old ones on error.
+
+        Running jobs are not touched: they were checked against the list in
+        force when they were accepted.
+        """
+        files = self.cfg.runners.cli.allowlist_files if self.cfg.runners.cli.enable else []
+        try:
+            fresh = await trio.to_thread.run_sync(load_allowlist, files)
+        except AllowlistError as exc:
+            log.error(
+                "allowlist_reload_failed",
+                problems=exc.problems,
+                kept=sorted(self._allowlist.entries),
+            )
+            return
+        self._allowlist = fresh
+        for warning in fresh.warnings:
+            log.warning("allowlist_warning", detail=warning)
+        log.info("allowlist_reloaded", entries=sorted(fresh.entries), running=len(self.jobs))
 
     # -- registration & heartbeat ----------------------------------------------------------
 
@@ -324,7 +454,11 @@ class Agent:
             "state": "draining" if self.draining else "active",
         }
         body.update(probe.load_figures(str(self.cfg.workspace.root)))
-        body["gpu_free"] = [g.free_entry() for g in self.gpus if g.available]
+        body["gpu_free"] = [
+            g.free_entry(effective_free_mb(g, self.gpu_reserved_mb))
+            for g in self.gpus
+            if g.schedulable
+        ]
         body["running_jobs"] = sorted(self.jobs)
         return body
 
@@ -334,7 +468,7 @@ class Agent:
         seq = 0
         while True:
             seq += 1
-            if self.cfg.gpu.enable and self.gpus:
+            if self.inventory.active:  # NVML errors mark devices unavailable, never stop this
                 self.gpus = await trio.to_thread.run_sync(self.inventory.snapshot)
                 self._export_gpu_metrics()
             try:
@@ -362,6 +496,7 @@ class Agent:
                         log.info("job_cancel_requested", job_id=job_id, source="heartbeat")
                         handle.cancel("coordinator")
                 delay = jittered(self.heartbeat_interval, hb.jitter_pct, self.rng)
+            self.mark_loop_progress(delay)
             self._heartbeat_now = trio.Event()
             with trio.move_on_after(delay):
                 await self._heartbeat_now.wait()
@@ -373,13 +508,7 @@ class Agent:
             await self.client.register(retry=False)
 
     def _export_gpu_metrics(self) -> None:
-        for g in self.gpus:
-            labels = {"index": str(g.index), "uuid": g.uuid}
-            self.metrics.gpu_memory_free.labels(**labels).set(g.vram_free_mb * 1024 * 1024)
-            self.metrics.gpu_memory_used.labels(**labels).set(
-                (g.vram_mb - g.vram_free_mb) * 1024 * 1024
-            )
-            self.metrics.gpu_util.labels(**labels).set(g.util_pct / 100)
+        self.metrics.export_gpus(self.gpus)
 
     async def _deregister(self) -> None:
         with trio.move_on_after(self.cfg.coordinator.timeout_s) as scope:
@@ -397,32 +526,115 @@ class Agent:
         with unwrap_group():
             async with trio.open_nursery() as jobs:
                 self._jobs_scope = jobs.cancel_scope
+                await self._start_recovery(ctx, jobs)
                 with self._pull_scope:
                     await self._pull_loop(ctx, jobs)
         self._jobs_scope = None
+
+    # -- crash recovery and retention ----------------------------------------------------------
+
+    async def _start_recovery(self, ctx: JobContext, jobs: trio.Nursery) -> None:
+        """Scan the workspace and reconcile interrupted jobs (in the background)."""
+        started = time.monotonic()
+        found = await trio.to_thread.run_sync(scan, ctx.root)
+        todo = [f for f in found if f.action is not Recovery.LEAVE]
+        counts: dict[str, int] = {}
+        for f in found:
+            counts[f.action.value] = counts.get(f.action.value, 0) + 1
+            self.metrics.recovered.labels(action=f.action.value).inc()
+        log.info("recovery_scan", workspaces=len(found), actions=counts)
+        if not todo:
+            return
+        for f in todo:
+            self.recovering[f.state.job_id] = trio.Event()
+        jobs.start_soon(self._recover_all, ctx, todo, started)
+
+    async def _recover_all(self, ctx: JobContext, todo: list[Found], started: float) -> None:
+        with self._recovery_scope:
+            async with trio.open_nursery() as nursery:
+                for f in todo:
+                    nursery.start_soon(self._recover_one, ctx, f)
+        log.info(
+            "recovery_finished",
+            jobs=len(todo),
+            elapsed_s=round(time.monotonic() - started, 3),
+            cut_short=self._recovery_scope.cancelled_caught,
+        )
+
+    async def _recover_one(self, ctx: JobContext, found: Found) -> None:
+        try:
+            await JobRun.for_recovery(ctx, found.job_dir, found.state).recover(found.action)
+        except Exception:
+            log.exception("job_recovery_error", job_id=found.state.job_id)
+        finally:
+            self.recovering.pop(found.state.job_id).set()
+
+    async def _sweep_loop(self) -> None:
+        ws = self.cfg.workspace
+        while True:
+            try:
+                removed = await trio.to_thread.run_sync(
+                    functools.partial(
+                        sweep, ws.root, keep_success_s=ws.keep_success, keep_failed_s=ws.keep_failed
+                    )
+                )
+                if removed:
+                    log.info("sweep_finished", removed=removed)
+            except OSError as exc:
+                log.error("sweep_failed", error=str(exc))
+            await trio.sleep(ws.sweep_interval_s)
+
+    async def _bound_recovery(self) -> None:
+        await trio.sleep(REPORT_BOUND_S)
+        if self.recovering:
+            log.warning("recovery_cut_short", jobs=sorted(self.recovering))
+            self._recovery_scope.cancel()
 
     def _may_pull(self) -> bool:
         return self.node_status == "active" and (self.cpu_free > 0 or self.gpu_free > 0)
 
     def pull_filters(self) -> dict[str, Any]:
+        jpg = self.cfg.gpu.jobs_per_gpu
         return {
             "runners": self.runners(),
             "cpu_slots_free": self.cpu_free,
-            "gpu_slots_free": self.gpu_free,
-            "vram_free_mb": [g.vram_free_mb for g in self.gpus if g.available],
+            "gpu_slots_free": min(
+                self.gpu_free, device_slots_free(self.gpus, self.gpu_in_use, jpg)
+            ),
+            "vram_free_mb": vram_offers(self.gpus, self.gpu_in_use, jpg, self.gpu_reserved_mb),
             "tags": self.descriptor_tags(),
         }
 
     def descriptor_tags(self) -> list[str]:
-        return ["cuda", "cpu"] if any(g.available for g in self.gpus) else ["cpu"]
+        return ["cuda", "cpu"] if any(g.schedulable for g in self.gpus) else ["cpu"]
+
+    async def _disk_has_room(self) -> bool:
+        """No new job while the workspace filesystem is below its free-space floor."""
+        floor = self.cfg.workspace.min_free_mb
+        free = probe.disk_free_mb(str(self.cfg.workspace.root))
+        if free >= floor:
+            if self.disk_low:
+                log.info("workspace_disk_ok", free_mb=free, floor_mb=floor)
+                self.disk_low = False
+            return True
+        if not self.disk_low:
+            log.warning("workspace_disk_low_not_pulling", free_mb=free, floor_mb=floor)
+            self.disk_low = True
+        await trio.sleep(DISK_RECHECK_S)
+        return False
 
     async def _pull_loop(self, ctx: JobContext, jobs: trio.Nursery) -> None:
         wait_s = self.cfg.coordinator.pull_wait_s
         idle = Backoff(self.cfg.heartbeat.backoff.min_s, self.cfg.heartbeat.backoff.max_s, self.rng)
         while True:
             await self._wait_until(self._may_pull)
+            if not await self._disk_has_room():
+                continue
+            filters = self.pull_filters()
             try:
-                reply = await self.client.pull(self.pull_filters(), wait_s)
+                with trio.CancelScope() as scope:
+                    self._inflight_pull = (scope, filters)
+                    reply = await self.client.pull(filters, wait_s)
             except NodeRejected as exc:
                 log.error("pull_rejected", error=str(exc))
                 self._set_status("rejected")
@@ -432,6 +644,10 @@ class Agent:
                 log.error("pull_failed", error=str(exc), retry_in_s=round(delay, 2))
                 await trio.sleep(delay)
                 continue
+            finally:
+                self._inflight_pull = None
+            if scope.cancelled_caught:
+                continue  # capacity changed under a long poll: ask again with fresh filters
             idle.reset()
             if reply.job is None:
                 if wait_s == 0:
@@ -467,31 +683,109 @@ class Agent:
     ) -> None:
         assert reply.job is not None and reply.lease is not None
         try:
+            pending = self.recovering.get(handle.job_id)
+            if pending is not None:  # an older attempt of this job is still being reconciled
+                await pending.wait()
             await JobRun(ctx, reply.job, reply.lease.lease_id, reply.signature, handle).run()
         except Exception:
             log.exception("job_driver_error", job_id=handle.job_id[:128])
         finally:
+            if handle.gpus:  # before the slot is free again: the next job gets a clean GPU
+                await self._after_gpu_job(handle)
             if kind == "cpu":
                 self.cpu_used -= 1
             elif kind == "gpu":
                 self.gpu_used -= 1
-            for uuid in handle.gpus:
-                self.gpu_in_use[uuid] = self.gpu_in_use.get(uuid, 1) - 1
+            self._release_gpus(handle.job_id)
             self.jobs.pop(handle.job_id, None)
             self._changed_now()
+            self._refresh_stale_pull()
 
-    def _choose_gpus(self, m: Manifest) -> tuple[str, ...]:
+    def _refresh_stale_pull(self) -> None:
+        """A long poll that advertised no free slot of a kind that is free now would
+        keep such jobs waiting for up to pull_wait_s: cut it short and re-pull.
+        (A job handed out at that very instant is not lost: its lease expires and
+        the coordinator hands it out again.)"""
+        if self._inflight_pull is None:
+            return
+        scope, filters = self._inflight_pull
+        stale_cpu = filters.get("cpu_slots_free") == 0 and self.cpu_free > 0
+        stale_gpu = filters.get("gpu_slots_free") == 0 and self.gpu_free > 0
+        if stale_cpu or stale_gpu:
+            scope.cancel()
+
+    def _choose_gpus(self, m: Manifest) -> tuple[GpuInfo, ...]:
+        """Claim GPUs for `m` (released by `_release_gpus`); () when none fit now."""
+        need = m.requirements.vram_mb
         try:
             chosen = choose_gpus(
                 self.gpus,
                 count=m.requirements.gpu_count,
-                vram_mb=m.requirements.vram_mb,
+                vram_mb=need,
                 in_use=self.gpu_in_use,
                 jobs_per_gpu=self.cfg.gpu.jobs_per_gpu,
+                reserved_mb=self.gpu_reserved_mb,
             )
         except NoGpuFree as exc:
             log.info("gpu_not_available", reason=str(exc))
             return ()
-        for uuid in chosen:
+        uuids = tuple(g.uuid for g in chosen)
+        self._release_gpus(m.job_id)
+        self._gpu_claims[m.job_id] = (uuids, need)
+        for uuid in uuids:
             self.gpu_in_use[uuid] = self.gpu_in_use.get(uuid, 0) + 1
+            self.gpu_reserved_mb[uuid] = self.gpu_reserved_mb.get(uuid, 0) + need
+        log.info("gpu_assigned", gpus=[g.index for g in chosen], uuids=list(uuids), vram_mb=need)
         return chosen
+
+    def _release_gpus(self, job_id: str) -> None:
+        uuids, need = self._gpu_claims.pop(job_id, ((), 0))
+        for uuid in uuids:
+            self.gpu_in_use[uuid] = max(0, self.gpu_in_use.get(uuid, 1) - 1)
+            self.gpu_reserved_mb[uuid] = max(0, self.gpu_reserved_mb.get(uuid, need) - need)
+
+    async def _after_gpu_job(self, handle: JobHandle) -> None:
+        """Sweep the job's GPUs (shielded and bounded), then refresh the GPU snapshot."""
+        grace = self.cfg.gpu.sweep_grace_s
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + grace + 10):
+            try:
+                pgid = cgroup = None
+                try:
+                    job_dir = self.cfg.workspace.root / handle.job_id
+                    state = await trio.to_thread.run_sync(load_state, job_dir)
+                    if state.attempt == handle.attempt:
+                        pgid, cgroup = state.pgid, state.cgroup
+                except (OSError, ValueError):
+                    pass
+                mark = JobMark(handle.job_id, handle.attempt, pgid, cgroup)
+                await sweep_gpus(
+                    self.inventory, handle.gpus, mark, grace_s=grace, metrics=self.metrics
+                )
+                self.gpus = await trio.to_thread.run_sync(self.inventory.snapshot)
+                self._export_gpu_metrics()
+            except Exception:
+                log.exception("gpu_sweep_error", job_id=handle.job_id[:128])
+
+
+def python_read_paths(cfg: MinerConfig) -> tuple[str, ...]:
+    """What a python task must read besides the system dirs: the venv, the
+    interpreter it points at, the task host and the task paths. Never raises:
+    an unreadable venv only means python tasks will fail, not the daemon."""
+    venv = Path(cfg.runners.python.venv)
+    candidates = [venv, py_runner.TASK_HOST.parent, *cfg.runners.python.task_paths]
+    try:
+        for line in (venv / "pyvenv.cfg").read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "home" and value.strip():
+                candidates.append(Path(value.strip()).parent)
+    except OSError:
+        pass
+    candidates.append(venv / "bin" / "python")
+    paths = set()
+    for path in candidates:
+        try:
+            real = Path(path).resolve()
+        except OSError:
+            continue
+        paths.add(str(real.parent.parent if real.name.startswith("python") else real))
+    return tuple(sorted(paths))

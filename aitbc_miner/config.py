@@ -292,6 +292,7 @@ class PythonRunnerConfig(_Section):
     enable: bool = True
     task_paths: tuple[AbsPath, ...] = (Path("/usr/local/lib/aitbc/miner/tasks"),)
     venv: AbsPath = Path("/usr/local/lib/aitbc/miner/.venv")
+    network: bool = False  # whether python tasks may reach the network
 
 
 class RunnersConfig(_Section):
@@ -307,6 +308,10 @@ class ResourcesConfig(_Section):
     io_level: int = Field(6, ge=0, le=7)
     mem_soft_mb: int = Field(16384, gt=0)
     cgroup: Annotated[Literal["auto", "off", "required"], BeforeValidator(_yaml_off)] = "auto"
+    max_open_files: int = Field(4096, ge=16)  # RLIMIT_NOFILE per job process
+    max_processes: int = Field(4096, ge=1)  # RLIMIT_NPROC (per uid, as the kernel counts it)
+    max_pids: int = Field(512, ge=1)  # pids.max of a job's cgroup
+    landlock: bool = True  # confine each job's filesystem view where the kernel has Landlock
 
     @model_validator(mode="after")
     def _some_slot(self) -> "ResourcesConfig":
@@ -321,6 +326,7 @@ class GpuConfig(_Section):
     enable: bool = True
     policy: Literal["least-used-vram"] = "least-used-vram"
     jobs_per_gpu: int = Field(1, ge=1)
+    sweep_grace_s: Duration = Field(5.0, ge=0)  # leftover GPU memory after a job: then quarantine
 
 
 class WorkspaceConfig(_Section):
@@ -329,6 +335,7 @@ class WorkspaceConfig(_Section):
     keep_failed: Duration = Field(604800.0, ge=0)
     exec_log_max_mb: int = Field(16, gt=0)
     min_free_mb: int = Field(1024, ge=0)
+    sweep_interval_s: Duration = Field(600.0, gt=0)
 
 
 class UploadConfig(_Section):
@@ -549,18 +556,26 @@ def _substitute(
     loc: tuple[Any, ...],
     problems: list[str],
     failed: set[str],
+    secret_locs: dict[str, str] | None = None,
 ) -> Any:
-    """Replace every ``env:NAME`` string by the variable; non-string keys are problems."""
+    """Replace every ``env:NAME`` string by the variable; non-string keys are problems.
+
+    `secret_locs` collects where a value came from the environment, so that a
+    validation error there never echoes it (it may be a token put in the wrong key).
+    """
     if isinstance(value, dict):
         out = {}
         for key, child in value.items():
             if not isinstance(key, str):
                 problems.append(f"{_dotted((*loc, str(key)))}: keys must be strings")
                 continue
-            out[key] = _substitute(child, environ, (*loc, key), problems, failed)
+            out[key] = _substitute(child, environ, (*loc, key), problems, failed, secret_locs)
         return out
     if isinstance(value, list | tuple):
-        return [_substitute(c, environ, (*loc, i), problems, failed) for i, c in enumerate(value)]
+        return [
+            _substitute(c, environ, (*loc, i), problems, failed, secret_locs)
+            for i, c in enumerate(value)
+        ]
     match = _ENV_REF_RE.fullmatch(value) if isinstance(value, str) else None
     if match is None:
         return value
@@ -570,6 +585,8 @@ def _substitute(
     elif name not in environ:
         problems.append(f"{where}: environment variable {name} is not set")
     else:
+        if secret_locs is not None:
+            secret_locs[where] = name
         return environ[name]
     failed.add(where)
     return None
@@ -774,8 +791,9 @@ def load_config(
             "coordinator": {"auth_token": DEFAULT_AUTH_TOKEN, **(raw.get("coordinator") or {})},
         }
     failed: set[str] = set()
-    raw = _substitute(raw, environ, (), problems, failed)
-    overrides = _substitute(overrides, environ, (), problems, failed)
+    from_env: dict[str, str] = {}
+    raw = _substitute(raw, environ, (), problems, failed, from_env)
+    overrides = _substitute(overrides, environ, (), problems, failed, from_env)
     _resolve_paths(raw, base)
     _resolve_paths(overrides, os.getcwd())
     data = _deep_merge(raw, overrides)
@@ -789,11 +807,13 @@ def load_config(
     try:
         cfg = MinerConfig(**data)
     except ValidationError as exc:
-        problems += [
-            f"{where}: {reason}"
-            for where, reason in _validation_problems(exc)
-            if not _under(where, failed)
-        ]
+        for where, reason in _validation_problems(exc):
+            if _under(where, failed):
+                continue
+            source = next((n for loc, n in from_env.items() if _under(where, {loc})), None)
+            if source is not None:  # never echo a value read from the environment
+                reason = f"invalid value from environment variable {source} (value not shown)"
+            problems.append(f"{where}: {reason}")
     if problems or cfg is None:
         raise ConfigError(problems or ["configuration is invalid"])
     if derive_node_id:

@@ -75,11 +75,31 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     return max(0.0, when.timestamp() - current)
 
 
+def describe_transport_error(exc: BaseException) -> str:
+    """`Type: message`, plus the TLS reason that httpx/trio bury in the cause chain
+    (a failed handshake surfaces as a bare `ConnectError: ` otherwise)."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    seen: set[int] = set()
+    inner: BaseException | None = exc
+    while inner is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        if isinstance(inner, ssl.SSLError):
+            return f"{text} (TLS: {inner})"
+        inner = inner.__cause__ or inner.__context__
+    return text
+
+
 def ssl_context(tls_verify: bool | str) -> ssl.SSLContext | bool:
-    """True (system CAs), False (only reachable via explicit config) or a pinned CA bundle."""
+    """A pinned CA bundle (path), the operating system's trust store (True), or False.
+
+    True means the OS store (Debian: /etc/ssl/certs, what `update-ca-certificates`
+    maintains), not httpx's bundled certifi list, so an operator's own CA works.
+    """
     if isinstance(tls_verify, str):
         return ssl.create_default_context(cafile=tls_verify)
-    return tls_verify
+    if tls_verify:
+        return ssl.create_default_context()
+    return False
 
 
 class CoordinatorClient:
@@ -356,12 +376,12 @@ class CoordinatorClient:
                 response = await self._http.send(request, stream=True)
             except httpx.HTTPError as exc:
                 self._count(endpoint, "error")
-                raise _Retry(f"{type(exc).__name__}: {exc}") from None
+                raise _Retry(describe_transport_error(exc)) from None
             try:
                 raw = await self._read_capped(response)
             except httpx.HTTPError as exc:
                 self._count(endpoint, "error")
-                raise _Retry(f"reading reply: {type(exc).__name__}: {exc}") from None
+                raise _Retry(f"reading reply: {describe_transport_error(exc)}") from None
             finally:
                 await response.aclose()
         status = response.status_code

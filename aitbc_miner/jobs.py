@@ -9,8 +9,10 @@ coordinator sends may raise out of `JobRun.run()`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -26,22 +28,31 @@ import trio
 
 from ._trio import unwrap_group
 from .allowlist import Allowlist, Denied
+from .cache import ModelCache, fetch_input
 from .config import MinerConfig
 from .coordinator import CoordinatorClient
 from .errors import CoordinatorError, ErrorCode, JobFailure, JobGone, RequestRejected
-from .journal import ArtifactRecord, JobState, save_state, write_atomic
-from .lifecycle import LIVE, Event, Phase, advance, failure_event
+from .gpu import GpuInfo
+from .journal import ArtifactRecord, JobState, current_boot_id, save_state, write_atomic
+from .lifecycle import LIVE, Event, Phase, Recovery, advance, failure_event
 from .manifest import JOB_ID_RE, Manifest, Signature, job_identity, parse_manifest
 from .metrics import Metrics
+from .probe import disk_free_mb
+from .recovery import kill_leftovers
 from .runners import cli as cli_runner
 from .runners import python as py_runner
 from .runners.base import DEFAULT_PATH, Ending, ProcessResult, Spawn, run_process
+from .sandbox.cgroups import CgroupSupport, JobCgroup, limit_files
+from .sandbox.limits import LimitPolicy, landlock_rules, process_limits
+from .sandbox.spawner import Spawner
 from .security import SignatureVerifier
+from .upload import deliver_result
 from .workspace import MIB, Workspace
 
 log = structlog.get_logger(__name__)
 
 LOG_TAIL_BYTES = 4096
+DISK_CHECK_S = 0.5
 PYTHON_MAX_OUTPUT_MB = 1024  # python tasks have no allowlist entry to cap their output
 INPUT_DEFAULT_MAX_MB = 1024
 
@@ -60,7 +71,8 @@ class JobHandle:
     cancel_event: trio.Event = field(default_factory=trio.Event)
     cancel_reason: str = ""
     phase: Phase = Phase.ACKED
-    gpus: tuple[str, ...] = ()
+    gpus: tuple[str, ...] = ()  # UUIDs of the assigned GPUs
+    gpu_indices: tuple[int, ...] = ()  # their NVML indices (usage.gpu)
     slot: str | None = None  # "cpu" | "gpu" | None (no slot could be given)
 
     def cancel(self, reason: str) -> None:
@@ -80,7 +92,14 @@ class JobContext:
     allowlist: Callable[[], Allowlist]  # current allowlist (SIGHUP may swap it)
     metrics: Metrics
     downloads: httpx.AsyncClient  # no credentials: inputs come from anywhere
-    choose_gpus: Callable[[Manifest], tuple[str, ...]] | None = None
+    choose_gpus: Callable[[Manifest], tuple[GpuInfo, ...]] | None = None
+    cache: ModelCache | None = None  # inputs marked "cache": true (cache.py)
+    spawner: Spawner | None = None  # the fork server (limits); None = plain spawn (tests)
+    sandbox: CgroupSupport = field(default_factory=CgroupSupport)
+    limit_policy: LimitPolicy = field(default_factory=LimitPolicy)
+    netns: bool = False  # private network namespaces work here (else jobs keep the network)
+    landlock: bool = False  # Landlock confines each job's filesystem view
+    python_read: tuple[str, ...] = ()  # interpreter, venv, task host, task paths (python jobs)
 
     @property
     def root(self) -> Path:
@@ -95,6 +114,10 @@ class Plan:
     timeout_s: float
     max_output_mb: int
     env: dict[str, str]
+    network: bool = False
+    mem_mb: int = 0
+    cpu_threads: int | None = None
+    read_paths: tuple[str, ...] = ()  # beyond the system dirs (Landlock)
 
 
 class JobRun:
@@ -117,9 +140,66 @@ class JobRun:
         self.marks: dict[str, float] = {}
         self.runner = str(raw.get("runner", "?"))[:16]
         self._progress: tuple[int, str] | None = None
+        self.cgroup: JobCgroup | None = None
         self._progress_wakeup = trio.Event()
 
     # -- entry point ------------------------------------------------------------------
+
+    @classmethod
+    def for_recovery(cls, ctx: JobContext, job_dir: Path, state: JobState) -> JobRun:
+        """A JobRun that picks up a job found in the workspace at start-up."""
+        try:
+            raw = json.loads((job_dir / "manifest.json").read_bytes())
+        except (OSError, ValueError):
+            raw = {}
+        handle = JobHandle(job_id=state.job_id, attempt=state.attempt, gpu=state.gpu)
+        handle.phase = state.phase
+        run = cls(ctx, raw if isinstance(raw, dict) else {}, state.lease_id or "", None, handle)
+        run.ws = Workspace(job_dir)
+        run.state = state
+        run.runner = state.runner
+        return run
+
+    async def recover(self, action: Recovery) -> Phase:
+        """Finish what a crash interrupted (DESIGN.md "Lifecycle")."""
+        state, ws = self.state, self.ws
+        assert state is not None and ws is not None
+        structlog.contextvars.bind_contextvars(job_id=state.job_id)
+        log.info("job_recovering", phase=state.phase.value, action=action.value)
+        try:
+            if action is Recovery.KILL_AND_REPORT_CRASH:
+                if state.cgroup is not None and self.ctx.sandbox.active:
+                    group = JobCgroup.from_recorded(state.cgroup, self.ctx.sandbox)
+                    await trio.to_thread.run_sync(group.kill)
+                    await trio.to_thread.run_sync(group.remove)
+                await trio.to_thread.run_sync(kill_leftovers, state, ws.path)
+                return await self._report_failure(
+                    JobFailure(
+                        ErrorCode.CRASH,
+                        f"the miner restarted while the job was {state.phase.value}",
+                    )
+                )
+            if action is Recovery.RESUME_UPLOAD and state.final_key is None:
+                return await self._upload(parse_manifest(self.raw))
+            if action is Recovery.RESUME_UPLOAD or state.phase is Phase.DONE:
+                with ExitStack() as stack:
+                    fds = {}
+                    for rec in state.artifacts:
+                        fds[rec.path] = ws.open_recorded(rec.path, rec.size)
+                        stack.callback(os.close, fds[rec.path])
+                    return await self._deliver(fds)
+            assert state.final_key is not None
+            try:
+                code = ErrorCode(state.error_code)
+            except ValueError:
+                code = ErrorCode.CRASH
+            failure = JobFailure(code, state.error_msg or "", retryable=state.retryable)
+            return await self._send_fail(failure, state.final_key)
+        except JobFailure as failure:
+            return await self._report_failure(failure)
+        except JobGone as exc:
+            await self._abandon(str(exc))
+            return self._finished(Phase.ABANDONED, None, str(exc))
 
     async def run(self) -> Phase:
         job_id, attempt = self.handle.job_id, self.handle.attempt
@@ -160,19 +240,26 @@ class JobRun:
             gpu=self.handle.gpu,
             created_at=time.time(),
             updated_at=time.time(),
+            boot_id=current_boot_id(),
         )
         await self._persist()
         manifest = parse_manifest(self.raw)
         plan = self._plan(manifest)
+        self.state = self.state.evolve(max_output_mb=plan.max_output_mb)
         await self._advance(Event.ACCEPTED)
         await self._interruptible(self._prepare, manifest)
         self.marks["prepared"] = time.monotonic()
+        await self._make_cgroup(plan)  # recorded by the save below, before anything runs in it
         await self._advance(Event.PREPARED)
-        result = await self._execute(plan)
+        try:
+            result = await self._execute(plan)
+        finally:
+            if self.cgroup is not None:
+                await trio.to_thread.run_sync(self.cgroup.remove)
         self.marks["ran"] = time.monotonic()
         self._check_exit(result, plan)
         await self._advance(Event.EXITED_OK)
-        return await self._upload(manifest, plan, result)
+        return await self._upload(manifest)
 
     # -- checks -------------------------------------------------------------------------
 
@@ -195,11 +282,16 @@ class JobRun:
             has_slot = self.handle.slot == "gpu" and self.ctx.choose_gpus is not None
             chosen = self.ctx.choose_gpus(m) if has_slot else ()
             if not chosen:
+                req = m.requirements
                 raise JobFailure(
-                    ErrorCode.NOGPU, "no GPU on this node meets the job's requirements"
+                    ErrorCode.NOGPU,
+                    f"no {req.gpu_count} GPU(s) with {req.vram_mb} MiB free on this node now",
                 )
-            self.handle.gpus = chosen
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(chosen)
+            self.handle.gpus = tuple(g.uuid for g in chosen)
+            self.handle.gpu_indices = tuple(g.index for g in chosen)
+            if self.state is not None:  # persisted by the next phase change, before PREP
+                self.state = self.state.evolve(gpus=self.handle.gpus)
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.handle.gpus)
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         if m.runner == "cli":
             if not runners.cli.enable:
@@ -216,6 +308,10 @@ class JobRun:
                 timeout_s=min(m.timeout_s, entry.max_runtime_s),
                 max_output_mb=entry.max_output_mb,
                 env=env,
+                network=entry.network,
+                read_paths=(os.path.dirname(os.path.realpath(entry.path)),),
+                mem_mb=m.requirements.mem_mb or self.ctx.cfg.resources.mem_soft_mb,
+                cpu_threads=m.requirements.cpu_threads,
             )
         if not runners.python.enable:
             raise JobFailure(ErrorCode.DENY, "the python runner is disabled on this node")
@@ -231,6 +327,10 @@ class JobRun:
             timeout_s=float(m.timeout_s),
             max_output_mb=PYTHON_MAX_OUTPUT_MB,
             env=env,
+            network=runners.python.network,
+            read_paths=self.ctx.python_read,
+            mem_mb=m.requirements.mem_mb or self.ctx.cfg.resources.mem_soft_mb,
+            cpu_threads=m.requirements.cpu_threads,
         )
 
     # -- phases ---------------------------------------------------------------------------
@@ -242,7 +342,13 @@ class JobRun:
         for rel, text in inputs.inline.items():
             ws.write_inline(rel, text)
         for spec in inputs.urls:
-            await ws.download(self.ctx.downloads, spec, INPUT_DEFAULT_MAX_MB)
+            await fetch_input(
+                self.ctx.cache,
+                spec,
+                ws.input / spec.path,
+                functools.partial(ws.download, self.ctx.downloads, spec, INPUT_DEFAULT_MAX_MB),
+                default_max_mb=INPUT_DEFAULT_MAX_MB,
+            )
         ws.expose_inputs([*inputs.inline, *(u.path for u in inputs.urls)])
 
     async def _execute(self, plan: Plan) -> ProcessResult:
@@ -262,6 +368,7 @@ class JobRun:
             with unwrap_group():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._progress_loop)
+                    nursery.start_soon(self._disk_watch)
                     try:
                         result = await run_process(
                             Spawn(
@@ -272,8 +379,20 @@ class JobRun:
                                 timeout_s=plan.timeout_s,
                                 kill_grace_s=cfg.shutdown.kill_grace_s,
                                 log_cap_bytes=int(cfg.workspace.exec_log_max_mb * MIB),
+                                limits=process_limits(
+                                    self.ctx.limit_policy,
+                                    mem_mb=plan.mem_mb,
+                                    max_output_mb=plan.max_output_mb,
+                                    memory_cgroup=self.cgroup is not None
+                                    and self.cgroup.limits_memory,
+                                    network=plan.network or not self.ctx.netns,
+                                    cgroup_procs=self.cgroup.procs_files if self.cgroup else [],
+                                )
+                                | self._landlock(plan),
                             ),
                             cancel=self.handle.cancel_event,
+                            spawner=self.ctx.spawner,
+                            cgroup=self.cgroup,
                             on_progress=self._on_progress,
                             on_started=started,
                         )
@@ -291,12 +410,22 @@ class JobRun:
             usage={
                 "cpu_s": result.cpu_s,
                 "max_rss_mb": result.max_rss_mb,
-                "gpu": list(self.handle.gpus),
+                "gpu": list(self.handle.gpu_indices),
             },
         )
         return result
 
     def _check_exit(self, r: ProcessResult, plan: Plan) -> None:
+        failed = r.exit_code != 0
+        if r.ending is Ending.EXITED and failed and r.oom_killed:
+            raise JobFailure(
+                ErrorCode.OOM, f"killed by the OOM killer at its {plan.mem_mb} MiB limit"
+            )
+        if r.ending is Ending.EXITED and r.signal == signal.SIGXFSZ:
+            raise JobFailure(
+                ErrorCode.OUTPUT,
+                f"wrote a file larger than its {plan.max_output_mb} MiB output cap",
+            )
         if r.ending is Ending.TIMEOUT:
             raise JobFailure(
                 ErrorCode.TIMEOUT, f"killed after its time limit of {plan.timeout_s:g} s"
@@ -312,70 +441,57 @@ class JobRun:
         reason = self.handle.cancel_reason
         if reason == "lease_lost":
             raise JobGone("lease lost while running", status=409)
+        if reason == "disk":
+            floor = self.ctx.cfg.workspace.min_free_mb
+            return JobFailure(ErrorCode.DISK, f"the workspace filesystem has < {floor} MiB free")
         return JobFailure(
             ErrorCode.CANCELLED,
             f"cancelled ({reason or 'requested'})",
             retryable=reason == "shutdown",
         )
 
-    async def _upload(self, m: Manifest, plan: Plan, result: ProcessResult) -> Phase:
-        ws = self.ws
-        assert ws is not None and self.state is not None
+    async def _upload(self, m: Manifest) -> Phase:
+        """Collect artifacts (sizes capped while hashing), persist them, deliver."""
+        ws, state = self.ws, self.state
+        assert ws is not None and state is not None
         ws.promote_artifacts(m.artifacts)
-        budget = plan.max_output_mb * MIB
+        cap_mb = state.max_output_mb or PYTHON_MAX_OUTPUT_MB
+        budget = cap_mb * MIB
         records: list[ArtifactRecord] = []
         with ExitStack() as stack:
             fds: dict[str, int] = {}
             for spec in m.artifacts:
-                cap = min(budget, (spec.max_mb or plan.max_output_mb) * MIB)
+                cap = min(budget, (spec.max_mb or cap_mb) * MIB)
                 fd, size, digest = ws.open_artifact(spec.path, cap)
                 stack.callback(os.close, fd)
                 budget -= size
                 fds[spec.path] = fd
                 records.append(ArtifactRecord(spec.path, spec.type, size, digest))
-            key = str(uuid.uuid4())
-            self.state = self.state.evolve(artifacts=tuple(records), final_key=key)
+            self.state = state.evolve(artifacts=tuple(records), final_key=str(uuid.uuid4()))
             await self._persist()
-            metadata = {
-                "job_id": m.job_id,
-                "node_id": self.ctx.node_id,
-                "attempt": m.attempt,
-                "exit_code": result.exit_code,
-                "started_at": self.state.started_at,
-                "finished_at": self.state.finished_at,
-                "duration_s": result.wall_s,
-                "usage": self.state.usage,
-                "artifacts": [
-                    {
-                        "path": a.path,
-                        "type": a.type,
-                        "size": a.size,
-                        "sha256": a.sha256,
-                        "upload_id": None,
-                    }
-                    for a in records
-                ],
-            }
+            return await self._deliver(fds)
 
-            def body(attempt_stack: ExitStack) -> dict[str, Any]:
-                # metadata is a part of its own so the body is multipart even
-                # with no artifacts (data= alone would be url-encoded).
-                parts: list[tuple[str, Any]] = [
-                    ("metadata", (None, json.dumps(metadata), "application/json"))
-                ]
-                for rec in records:
-                    fh = attempt_stack.enter_context(open(fds[rec.path], "rb", closefd=False))
-                    fh.seek(0)
-                    parts.append(("artifact", (rec.path, fh, rec.type)))
-                return {"files": parts}
+    async def _deliver(self, fds: dict[str, int]) -> Phase:
+        assert self.state is not None
+        cfg = self.ctx.cfg
 
-            try:
-                await self.ctx.client.result(body, idempotency_key=key)
-            except RequestRejected as exc:
-                raise JobFailure(
-                    ErrorCode.OUTPUT, f"result refused: HTTP {exc.status}: {exc.body[:300]}"
-                ) from None
-        self.ctx.metrics.upload_bytes.inc(sum(r.size for r in records))
+        async def save(state: JobState) -> None:
+            self.state = state
+            await self._persist()
+
+        try:
+            self.state = await deliver_result(
+                self.ctx.client,
+                self.state,
+                fds,
+                chunk_threshold=int(cfg.upload.chunk_threshold_mb * MIB),
+                metrics=self.ctx.metrics,
+                save=save,
+            )
+        except RequestRejected as exc:
+            raise JobFailure(
+                ErrorCode.OUTPUT, f"result refused: HTTP {exc.status}: {exc.body[:300]}"
+            ) from None
         self.state = self.state.evolve(confirmed=True)
         await self._save_event(Event.UPLOADED)
         return self._finished(Phase.DONE, None, "")
@@ -383,13 +499,22 @@ class JobRun:
     # -- failure reporting ----------------------------------------------------------------
 
     async def _report_failure(self, failure: JobFailure) -> Phase:
-        phase_event = failure_event(failure.retryable)
-        key = str(uuid.uuid4())
         if self.state is not None:
-            self.state = self.state.evolve(
-                error_code=failure.code.value, error_msg=failure.message[:1000], final_key=key
-            )
-            await self._save_event(phase_event)
+            if self.state.phase in LIVE:
+                self.state = self.state.evolve(
+                    error_code=failure.code.value,
+                    error_msg=failure.message[:1000],
+                    final_key=str(uuid.uuid4()),
+                    retryable=failure.retryable,
+                )
+                await self._save_event(failure_event(failure.retryable))
+            key = self.state.final_key
+        else:
+            key = str(uuid.uuid4())
+        assert key is not None
+        return await self._send_fail(failure, key)
+
+    async def _send_fail(self, failure: JobFailure, key: str) -> Phase:
         final = Phase.RETRY_WAIT if failure.retryable else Phase.FAILED
         body = {
             "job_id": self.handle.job_id,
@@ -444,6 +569,36 @@ class JobRun:
                 nursery.cancel_scope.cancel()
         if cancelled:
             raise self._cancel_failure()
+
+    def _landlock(self, plan: Plan) -> dict[str, Any]:
+        if not self.ctx.landlock or self.ws is None:
+            return {}
+        return {"landlock": landlock_rules(str(self.ws.path), list(plan.read_paths))}
+
+    async def _make_cgroup(self, plan: Plan) -> None:
+        support = self.ctx.sandbox
+        if not support.active:
+            return
+        assert self.state is not None
+        files = limit_files(plan.mem_mb, plan.cpu_threads, self.ctx.cfg.resources.max_pids)
+        try:
+            self.cgroup = await trio.to_thread.run_sync(
+                JobCgroup.create, support, self.handle.job_id, self.handle.attempt, files
+            )
+        except OSError as exc:
+            raise JobFailure(ErrorCode.CRASH, f"could not create the job's cgroup: {exc}") from None
+        self.state = self.state.evolve(cgroup=self.cgroup.primary)
+
+    async def _disk_watch(self) -> None:
+        """Cancel the job (E_DISK) when the workspace filesystem runs low."""
+        floor = self.ctx.cfg.workspace.min_free_mb
+        root = str(self.ctx.root)
+        while True:
+            await trio.sleep(DISK_CHECK_S)
+            if disk_free_mb(root) < floor:
+                log.warning("workspace_disk_low", free_mb=disk_free_mb(root), floor_mb=floor)
+                self.handle.cancel("disk")
+                return
 
     def _on_progress(self, pct: int, note: str) -> None:
         self._progress = (pct, note)

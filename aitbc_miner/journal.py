@@ -43,8 +43,11 @@ class JobState:
     final_key: str | None = None  # Idempotency-Key of the final result/fail call
     error_code: str | None = None
     error_msg: str | None = None
+    retryable: bool | None = None
     exit_code: int | None = None
     pgid: int | None = None  # process group of the job (recovery kills by group)
+    boot_id: str | None = None  # a pgid means nothing after a reboot
+    max_output_mb: int | None = None  # output cap decided at ACKED, reused by recovery
     cgroup: str | None = None
     gpus: tuple[str, ...] = ()
     started_at: str | None = None
@@ -116,3 +119,11 @@ def load_state(job_dir: Path) -> JobState:
         return JobState.from_json(data)
     except (TypeError, KeyError) as exc:
         raise ValueError(f"state.json has a bad shape: {exc}") from None
+
+
+def current_boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            return fh.read().strip()
+    except OSError:
+        return None

@@ -6,6 +6,9 @@ exposition is prometheus_client's, served by health.py.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -16,6 +19,8 @@ from prometheus_client import (
 )
 
 from . import __version__
+
+MIB = 1024 * 1024
 
 
 class Metrics:
@@ -91,3 +96,60 @@ class Metrics:
             ["index", "uuid"],
             registry=r,
         )
+        self._gpu_metrics(r)
+        self._cache_metrics(r)
+
+    # -- GPUs and the model cache (gpu.py, gpu_sweep.py, cache.py) -------------------------
+
+    def _gpu_metrics(self, r: CollectorRegistry) -> None:
+        gpu_labels = ["index", "uuid"]
+        self.gpu_memory_total = Gauge(
+            "aitbc_miner_gpu_memory_total_bytes", "GPU memory size.", gpu_labels, registry=r
+        )
+        self.gpu_temperature = Gauge(
+            "aitbc_miner_gpu_temperature_celsius", "GPU core temperature.", gpu_labels, registry=r
+        )
+        self.gpu_available = Gauge(
+            "aitbc_miner_gpu_available",
+            "1 when the GPU can take jobs; 0 when NVML fails on it, quarantined or MIG mode.",
+            gpu_labels,
+            registry=r,
+        )
+        self.gpu_sweep_kills = Counter(
+            "aitbc_miner_gpu_sweep_kills",
+            "Leftover job processes killed on a GPU after their job ended.",
+            registry=r,
+        )
+
+    def _cache_metrics(self, r: CollectorRegistry) -> None:
+        self.cache_hits = Counter(
+            "aitbc_miner_cache_hits", "Cached inputs served from the model cache.", registry=r
+        )
+        self.cache_misses = Counter(
+            "aitbc_miner_cache_misses", "Cached inputs that had to be downloaded.", registry=r
+        )
+        self.cache_download_bytes = Counter(
+            "aitbc_miner_cache_download_bytes", "Bytes downloaded to fill the cache.", registry=r
+        )
+        self.cache_evictions = Counter(
+            "aitbc_miner_cache_evictions", "Cache entries evicted (LRU).", registry=r
+        )
+        self.cache_bytes = Gauge(
+            "aitbc_miner_cache_bytes", "Bytes held by the model cache.", registry=r
+        )
+        self.cache_entries = Gauge(
+            "aitbc_miner_cache_entries", "Entries in the model cache.", registry=r
+        )
+
+    def export_gpus(self, gpus: Iterable[Any]) -> None:
+        """Set the per-GPU gauges from a `gpu.GpuInfo` snapshot."""
+        for g in gpus:
+            labels = {"index": str(g.index), "uuid": g.uuid}
+            self.gpu_memory_total.labels(**labels).set(g.vram_mb * MIB)
+            self.gpu_memory_free.labels(**labels).set(g.vram_free_mb * MIB)
+            used = g.vram_used_mb or max(0, g.vram_mb - g.vram_free_mb)
+            self.gpu_memory_used.labels(**labels).set(used * MIB if g.available else 0)
+            self.gpu_util.labels(**labels).set(g.util_pct / 100)
+            self.gpu_available.labels(**labels).set(1 if g.schedulable else 0)
+            if g.temperature_c is not None:
+                self.gpu_temperature.labels(**labels).set(g.temperature_c)

@@ -47,7 +47,7 @@ def descriptor(
     extra_tags: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The capability descriptor sent with `POST /nodes/register`."""
-    usable = [g for g in gpus if g.available]
+    usable = [g for g in gpus if g.schedulable]  # MIG-mode or failing devices take no jobs
     tags = ["debian" if Path("/etc/debian_version").exists() else platform.system().lower(), "cpu"]
     if usable:
         tags.append("cuda")

@@ -1,6 +1,6 @@
 """Per-job workspace: `<root>/<job_id>/{input,work,output,logs}` and its files.
 
-I/O: filesystem (and HTTP for URL inputs). Directories are 0700. Artifacts are
+I/O: filesystem (URL inputs are fetched by inputs.py). Directories are 0700. Artifacts are
 opened component by component with O_NOFOLLOW below `output/`, so a symlink,
 a hard link to a foreign file, a device or a FIFO can never be uploaded.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from . import inputs
 from .errors import ErrorCode, JobFailure
 from .manifest import ArtifactSpec, InputUrl
 
@@ -84,40 +85,16 @@ class Workspace:
         return target
 
     async def download(self, client: httpx.AsyncClient, spec: InputUrl, default_max_mb: int) -> int:
-        """Stream a URL input to `input/<path>`, enforcing max_mb and sha256."""
-        limit = (spec.max_mb or default_max_mb) * MIB
-        target = self._input_target(spec.path)
-        partial = target.with_name(f".{target.name}.part")
-        digest = hashlib.sha256()
-        size = 0
-        try:
-            async with client.stream("GET", spec.url) as response:
-                if response.status_code != 200:
-                    raise JobFailure(
-                        ErrorCode.INPUT, f"input {spec.path}: HTTP {response.status_code}"
-                    )
-                fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-                with os.fdopen(fd, "wb") as fh:
-                    async for chunk in response.aiter_bytes():
-                        size += len(chunk)
-                        if size > limit:
-                            raise JobFailure(
-                                ErrorCode.INPUT,
-                                f"input {spec.path}: larger than {limit // MIB} MiB",
-                            )
-                        digest.update(chunk)
-                        fh.write(chunk)
-        except httpx.HTTPError as exc:
-            partial.unlink(missing_ok=True)
-            raise JobFailure(ErrorCode.INPUT, f"input {spec.path}: {type(exc).__name__}") from exc
-        except JobFailure:
-            partial.unlink(missing_ok=True)
-            raise
-        if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
-            partial.unlink(missing_ok=True)
-            raise JobFailure(ErrorCode.INPUT, f"input {spec.path}: sha256 mismatch")
-        os.replace(partial, target)
-        return size
+        """Fetch a URL input to `input/<path>` under the input policy (inputs.py):
+        http(s) on every hop, no link-local/metadata addresses, max_mb, sha256."""
+        return await inputs.fetch(
+            client,
+            spec.url,
+            self._input_target(spec.path),
+            limit_bytes=(spec.max_mb or default_max_mb) * MIB,
+            sha256=spec.sha256,
+            label=spec.path,
+        )
 
     def expose_inputs(self, rels: Iterable[str]) -> None:
         """Make each input reachable from work/ by the same relative path (read-only link)."""
@@ -138,7 +115,7 @@ class Workspace:
             if dest.exists() or dest.is_symlink():
                 continue
             try:
-                src_fd = _open_beneath(self.work, spec.path, want_dir_fd=True)
+                src_fd = _open_beneath(self.work, spec.path)
             except (OSError, JobFailure):
                 continue
             dir_fd, name = src_fd
@@ -160,31 +137,42 @@ class Workspace:
             finally:
                 os.close(dir_fd)
 
-    def open_artifact(self, rel: str, max_bytes: int) -> tuple[int, int, str]:
-        """Open `output/<rel>` safely; returns (fd, size, sha256). Caller closes fd."""
+    def _open_regular(self, rel: str) -> int:
+        """fd of `output/<rel>`: a regular, singly linked file reached without symlinks."""
         try:
-            dir_fd, name = _open_beneath(self.output, rel, want_dir_fd=True)
+            dir_fd, name = _open_beneath(self.output, rel)
         except FileNotFoundError:
             raise JobFailure(ErrorCode.OUTPUT, f"artifact {rel} is missing") from None
         try:
-            try:
-                fd = os.open(
-                    name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
-                )
-            except FileNotFoundError:
-                raise JobFailure(ErrorCode.OUTPUT, f"artifact {rel} is missing") from None
-            except OSError as exc:  # ELOOP: a symlink
-                raise JobFailure(
-                    ErrorCode.OUTPUT, f"artifact {rel} is not a regular file ({exc.strerror})"
-                ) from None
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            fd = os.open(name, flags, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise JobFailure(ErrorCode.OUTPUT, f"artifact {rel} is missing") from None
+        except OSError as exc:  # ELOOP: a symlink
+            raise JobFailure(
+                ErrorCode.OUTPUT, f"artifact {rel} is not a regular file ({exc.strerror})"
+            ) from None
         finally:
             os.close(dir_fd)
+        st = os.fstat(fd)
+        problem = None
+        if not stat.S_ISREG(st.st_mode):
+            problem = f"artifact {rel} is not a regular file"
+        elif st.st_nlink != 1:
+            problem = f"artifact {rel} is a hard link"
+        if problem:
+            os.close(fd)
+            raise JobFailure(ErrorCode.OUTPUT, problem)
+        return fd
+
+    def open_artifact(self, rel: str, max_bytes: int) -> tuple[int, int, str]:
+        """Open `output/<rel>` safely and hash it; returns (fd, size, sha256). Caller closes fd.
+
+        The cap is enforced while reading, so a file growing past it is refused
+        without reading it whole first.
+        """
+        fd = self._open_regular(rel)
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise JobFailure(ErrorCode.OUTPUT, f"artifact {rel} is not a regular file")
-            if st.st_nlink != 1:
-                raise JobFailure(ErrorCode.OUTPUT, f"artifact {rel} is a hard link")
             digest = hashlib.sha256()
             size = 0
             while chunk := os.read(fd, MIB):
@@ -199,6 +187,14 @@ class Workspace:
         except BaseException:
             os.close(fd)
             raise
+
+    def open_recorded(self, rel: str, size: int) -> int:
+        """Reopen an artifact collected earlier (crash recovery); its size must not have changed."""
+        fd = self._open_regular(rel)
+        if os.fstat(fd).st_size != size:
+            os.close(fd)
+            raise JobFailure(ErrorCode.OUTPUT, f"artifact {rel} changed since it was collected")
+        return fd
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -221,7 +217,7 @@ def _open_dir_chain(base: Path, rel_dir: str) -> int:
     return fd
 
 
-def _open_beneath(base: Path, rel: str, *, want_dir_fd: bool) -> tuple[int, str]:
+def _open_beneath(base: Path, rel: str) -> tuple[int, str]:
     """(fd of the parent directory, final name), walking without following symlinks."""
     if rel.startswith("/") or ".." in rel.split("/") or "\x00" in rel:
         raise JobFailure(ErrorCode.OUTPUT, f"artifact path {rel!r} escapes the workspace")

@@ -51,14 +51,21 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--seed", type=int, help="seed of the fault-injection RNG")
     p.add_argument("--log-requests", action="store_true",
                    help="one JSON line per API request on stderr")
+    p.add_argument("--key-id", default="mock-ed25519",
+                   help="key_id of the Ed25519 signing key (for key rotation tests)")
+    p.add_argument("--certfile", type=Path, help="serve https: certificate chain (PEM)")
+    p.add_argument("--keyfile", type=Path, help="serve https: private key (PEM)")
     a = p.parse_args(argv)
+    if (a.certfile is None) != (a.keyfile is None):
+        p.error("--certfile and --keyfile go together")
     return Options(host=a.host, port=a.port, state_file=a.state_file, data_dir=a.data_dir,
                    bootstrap_token=a.bootstrap_token, ready_file=a.ready_file,
                    signing_key_file=a.signing_key_file, hmac_secret=a.hmac_secret,
                    lease_s=a.lease_s, token_ttl_s=a.token_ttl_s,
                    pending_by_default=a.pending_by_default,
                    heartbeat_interval_s=a.heartbeat_interval_s, max_attempts=a.max_attempts,
-                   chunk_size=a.chunk_size, seed=a.seed, log_requests=a.log_requests)
+                   chunk_size=a.chunk_size, seed=a.seed, log_requests=a.log_requests,
+                   key_id=a.key_id, certfile=a.certfile, keyfile=a.keyfile)
 
 
 def main(argv: list[str] | None = None) -> int:

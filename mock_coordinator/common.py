@@ -45,6 +45,9 @@ class Options:
     chunk_size: int = 4 * MiB
     seed: int | None = None
     log_requests: bool = False
+    key_id: str = "mock-ed25519"
+    certfile: Path | None = None  # serve https with this certificate chain (PEM) ...
+    keyfile: Path | None = None  # ... and this private key
 
 
 class ApiError(Exception):

@@ -27,7 +27,7 @@ from starlette.applications import Starlette
 from . import admin, api, transfer
 from .common import Options, atomic_write
 from .faults import FaultMiddleware, FaultTable
-from .signing import ED25519_KEY_ID, HMAC_KEY_ID, Signer, load_or_create_key
+from .signing import HMAC_KEY_ID, Signer, load_or_create_key
 from .state import State
 
 
@@ -136,6 +136,8 @@ def _hypercorn_config(opts: Options) -> HypercornConfig:
     cfg.errorlog = "-"
     cfg.loglevel = "WARNING"
     cfg.graceful_timeout = 2.0
+    if opts.certfile is not None and opts.keyfile is not None:
+        cfg.certfile, cfg.keyfile = str(opts.certfile), str(opts.keyfile)
     return cfg
 
 
@@ -153,7 +155,7 @@ async def serve(opts: Options, announce: Callable[[str], None] = print) -> None:
     key_file = opts.signing_key_file
     if key_file is None and scratch is None:
         key_file = data_dir / "signing-key.pem"
-    signer = Signer(load_or_create_key(key_file), opts.hmac_secret)
+    signer = Signer(load_or_create_key(key_file), opts.hmac_secret, key_id=opts.key_id)
     state = State(lease_s=opts.lease_s, max_attempts=opts.max_attempts,
                   token_ttl_s=opts.token_ttl_s, pending_by_default=opts.pending_by_default)
     if opts.state_file is not None:
@@ -171,7 +173,7 @@ async def serve(opts: Options, announce: Callable[[str], None] = print) -> None:
                         shutdown_trigger=coord.shutting_down.wait))
                     coord.base = _public_base(binds[0])
                     ready = {"event": "mock_ready", "url": coord.api_url,
-                             "admin_url": coord.admin_url, "key_id": ED25519_KEY_ID,
+                             "admin_url": coord.admin_url, "key_id": signer.key_id,
                              "public_key": signer.public_key}
                     if opts.hmac_secret is not None:
                         ready["hmac_key_id"] = HMAC_KEY_ID

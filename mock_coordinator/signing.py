@@ -69,8 +69,12 @@ def tampered(job: dict[str, Any]) -> dict[str, Any]:
 class Signer:
     """Signs the exact job object that goes on the wire, in one of SIGN_MODES."""
 
-    def __init__(self, key: Ed25519PrivateKey, hmac_secret: str | None = None) -> None:
+    def __init__(
+        self, key: Ed25519PrivateKey, hmac_secret: str | None = None,
+        key_id: str = ED25519_KEY_ID,
+    ) -> None:
         self.key = key
+        self.key_id = key_id
         self.public_key = public_key_b64(key)
         self.hmac_secret = hmac_secret.encode() if hmac_secret is not None else None
         self._stranger = Ed25519PrivateKey.generate()
@@ -86,13 +90,13 @@ class Signer:
             digest = hmac.new(self.hmac_secret, payload, hashlib.sha256).digest()
             return job, _sig(HMAC_KEY_ID, "hmac-sha256", digest)
         if mode == "ed25519":
-            return job, _sig(ED25519_KEY_ID, "ed25519", self.key.sign(payload))
+            return job, _sig(self.key_id, "ed25519", self.key.sign(payload))
         if mode == "bad":  # well-formed 64 bytes, but over different bytes
-            return job, _sig(ED25519_KEY_ID, "ed25519", self.key.sign(payload + b" "))
+            return job, _sig(self.key_id, "ed25519", self.key.sign(payload + b" "))
         if mode == "unknown-key":
             return job, _sig(UNKNOWN_KEY_ID, "ed25519", self._stranger.sign(payload))
         if mode == "tamper":
-            return tampered(job), _sig(ED25519_KEY_ID, "ed25519", self.key.sign(payload))
+            return tampered(job), _sig(self.key_id, "ed25519", self.key.sign(payload))
         raise ValueError(f"unknown sign mode {mode!r}")
 
 

@@ -22,7 +22,7 @@ args:
   - [".{0,200}"]
 env: ["JOB_.*"]
 max_runtime_s: 120
-max_output_mb: 64
+max_output_mb: 1024
 """
 
 # A deliberately narrow entry: only `touch allowed-marker` may run.

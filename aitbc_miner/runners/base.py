@@ -15,15 +15,18 @@ import os
 import re
 import select
 import signal
-import subprocess
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import structlog
 import trio
+
+from ..sandbox.cgroups import JobCgroup
+from ..sandbox.spawner import DirectSpawner, Reaped, Spawner
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +51,7 @@ class ProcessResult:
     wall_s: float
     log_bytes: int
     log_dropped: int
+    oom_killed: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class Spawn:
     timeout_s: float
     kill_grace_s: float = 10.0
     log_cap_bytes: int = 16 * 1024 * 1024
+    limits: Mapping[str, Any] = field(default_factory=dict)  # fork-server limits (sandbox.limits)
 
 
 def _killpg(pgid: int, sig: int) -> bool:
@@ -148,34 +153,32 @@ async def run_process(
     spawn: Spawn,
     *,
     cancel: trio.Event,
+    spawner: Spawner | None = None,
+    cgroup: JobCgroup | None = None,
     on_progress: ProgressFn | None = None,
     on_started: Callable[[int], Awaitable[None]] | None = None,
 ) -> ProcessResult:
-    """Run `spawn.argv` to completion, timeout or cancel; never leaves its group behind."""
+    """Run `spawn.argv` to completion, timeout or cancel; never leaves its processes behind.
+
+    The leader stays a zombie (nobody reaps it) until its group and cgroup have
+    been killed, so neither the pgid nor the pid can have been reused by then.
+    """
+    spawner = spawner or DirectSpawner()
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     started = time.monotonic()
     try:
-        popen = subprocess.Popen(  # argv from validated parts only; never a shell
-            list(spawn.argv),
-            cwd=spawn.cwd,
-            env=dict(spawn.env),
-            stdin=subprocess.DEVNULL,
-            stdout=write_fd,
-            stderr=write_fd,
-            close_fds=True,
-            start_new_session=True,
-            umask=0o077,
+        pid = await spawner.start(
+            spawn.argv, spawn.env, str(spawn.cwd), write_fd, dict(spawn.limits)
         )
     except OSError:
         os.close(read_fd)
         raise
     finally:
         os.close(write_fd)
-    pid = pgid = popen.pid
+    pgid = pid
     pidfd = os.pidfd_open(pid)
     pump = _LogPump(read_fd, spawn.log_path, spawn.log_cap_bytes, on_progress)
-    status = 0
-    rusage = None
+    reaped: Reaped | None = None
     ending = Ending.CANCELLED
     try:
         async with trio.open_nursery() as nursery:
@@ -187,31 +190,38 @@ async def run_process(
             finally:
                 with trio.CancelScope(shield=True):
                     if not _exited(pidfd):
-                        ending_forced = await _terminate(pgid, pidfd, spawn.kill_grace_s)
-                        log.info("job_process_group_killed", pgid=pgid, forced=ending_forced)
+                        forced = await _terminate(pgid, pidfd, spawn.kill_grace_s)
+                        log.info("job_process_group_killed", pgid=pgid, forced=forced)
                     # The leader is a zombie now: its pgid is still reserved, so this
                     # reaches only the job's own stragglers, never a reused group.
                     _killpg(pgid, signal.SIGKILL)
-                    _, status, rusage = os.wait4(pid, 0)
-                    popen.returncode = os.waitstatus_to_exitcode(status)
+                    if cgroup is not None:  # and whatever escaped the group (setsid, double fork)
+                        await trio.to_thread.run_sync(cgroup.kill)
+                    try:
+                        reaped = await spawner.reap(pid)
+                    except OSError as exc:  # the fork server died with our child: status lost
+                        log.error("job_reap_failed", pid=pid, error=str(exc))
+                        reaped = Reaped(signal.SIGKILL, 0.0, 0)
                     # Output still buffered in the pipe is drained; a writer that
-                    # escaped the group must not hold us forever.
+                    # escaped everything must not hold us forever.
                     with trio.move_on_after(1.0):
                         await pump.done.wait()
                     nursery.cancel_scope.cancel()
     finally:
         os.close(pidfd)
-    wall = time.monotonic() - started
-    code = os.waitstatus_to_exitcode(status)
+    assert reaped is not None
+    code = os.waitstatus_to_exitcode(reaped.status)
+    peak = cgroup.peak_memory_mb() if cgroup is not None else None
     return ProcessResult(
         ending=ending,
         exit_code=code if code >= 0 else None,
         signal=-code if code < 0 else None,
-        cpu_s=round(rusage.ru_utime + rusage.ru_stime, 3) if rusage else 0.0,
-        max_rss_mb=int(rusage.ru_maxrss // 1024) if rusage else 0,
-        wall_s=round(wall, 3),
+        cpu_s=round(reaped.cpu_s, 3),
+        max_rss_mb=peak if peak is not None else reaped.maxrss_kb // 1024,
+        wall_s=round(time.monotonic() - started, 3),
         log_bytes=pump.written,
         log_dropped=pump.dropped,
+        oom_killed=cgroup.oom_killed() if cgroup is not None else False,
     )
 
 

@@ -126,17 +126,33 @@ def start_miner(
     config: Path = DEV_CONFIG,
     node_id: str = "node-test",
     wait_registered: bool = True,
+    launcher: str = "aitbc_miner",
+    user: str | None = None,
     **overrides: str,
 ) -> MinerProcess:
+    """`launcher` is the module run with -m, e.g. "tests.support.fake_nvml_launcher".
+
+    `user` runs the miner unprivileged (e.g. "nobody"), as the hardened unit
+    does: with Debian's /usr/bin/python3 (same ABI as the venv, whose own
+    interpreter may live under an unreadable /root) and the venv's packages.
+    """
     env = miner_env(tmp_path, mock, node_id=node_id, **overrides)
+    python = sys.executable
+    if user is not None:
+        python = "/usr/bin/python3"
+        site = next((REPO / ".venv" / "lib").glob("python3*/site-packages"))
+        env["PYTHONPATH"] = f"{site}:{REPO}"
     log_path = tmp_path / f"miner-{node_id}.log"
     with open(log_path, "ab") as log_fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "aitbc_miner", "run", "--config", str(config)],
+            [python, "-m", launcher, "run", "--config", str(config)],
             stdout=log_fh,
             stderr=subprocess.STDOUT,
             env=env,
             cwd=REPO,
+            user=user,
+            group="nogroup" if user is not None else None,
+            extra_groups=[] if user is not None else None,
         )
     miner = MinerProcess(proc, log_path, Path(env["AITBC_MINER_WORKSPACE__ROOT"]), node_id, env)
     if wait_registered and mock is not None:

@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,10 @@ from tests.support.wait import wait_for
 class Admin:
     """Thin httpx.Client wrapper over /admin; every call raises on a non-2xx answer."""
 
-    def __init__(self, admin_url: str, timeout: float = 10.0) -> None:
-        self.client = httpx.Client(base_url=admin_url, timeout=timeout)
+    def __init__(
+        self, admin_url: str, timeout: float = 10.0, verify: ssl.SSLContext | bool = True
+    ) -> None:
+        self.client = httpx.Client(base_url=admin_url, timeout=timeout, verify=verify)
 
     def close(self) -> None:
         self.client.close()
@@ -95,7 +98,11 @@ class MockCoordinator:
     """A running mock process and what it announced when it became ready."""
 
     def __init__(
-        self, proc: subprocess.Popen[bytes], ready: dict[str, Any], log_paths: tuple[Path, Path]
+        self,
+        proc: subprocess.Popen[bytes],
+        ready: dict[str, Any],
+        log_paths: tuple[Path, Path],
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         self.proc = proc
         self.ready = ready
@@ -108,7 +115,7 @@ class MockCoordinator:
         self.hmac_key_id: str | None = ready.get("hmac_key_id")
         self.pid: int = ready["pid"]
         self.stdout_path, self.stderr_path = log_paths
-        self.admin = Admin(self.admin_url)
+        self.admin = Admin(self.admin_url, verify=verify)
 
     def logs(self) -> str:
         return "".join(
@@ -152,11 +159,13 @@ def start_mock(
     port: int = 0,
     env: dict[str, str] | None = None,
     timeout: float = 15,
+    verify: ssl.SSLContext | bool = True,
 ) -> MockCoordinator:
     """Start `python -m mock_coordinator` on 127.0.0.1 and wait until it is ready.
 
     Data lives in tmp_path/"mock-data" unless extra_args name --data-dir, so a restart
     in the same tmp_path finds its artifacts again. Logs go to tmp_path/mock-N.{out,err}.
+    `verify` is what the admin client trusts (a CA context when the mock serves https).
     """
     tmp_path.mkdir(parents=True, exist_ok=True)
     n = 1
@@ -196,7 +205,7 @@ def start_mock(
             proc.kill()
             proc.wait()
         raise
-    return MockCoordinator(proc, info, (stdout_path, stderr_path))
+    return MockCoordinator(proc, info, (stdout_path, stderr_path), verify=verify)
 
 
 def _wait_ready(ready: Any, timeout: float) -> dict[str, Any]:

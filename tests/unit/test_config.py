@@ -602,3 +602,12 @@ def test_no_node_id_file_written_when_config_is_invalid(tmp_path: Path) -> None:
 def test_miner_config_is_the_settings_class() -> None:
     assert MinerConfig.model_config["env_prefix"] == "AITBC_MINER_"
     assert MinerConfig.model_config["env_nested_delimiter"] == "__"
+
+
+def test_a_value_from_the_environment_is_never_echoed_in_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("heartbeat:\n  interval_s: env:MINER_AUTH\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {"MINER_AUTH": "S3CRET-token-value"})
+    assert "S3CRET" not in str(info.value)
+    assert "heartbeat.interval_s" in str(info.value) and "MINER_AUTH" in str(info.value)

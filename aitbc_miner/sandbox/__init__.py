@@ -1,0 +1,1 @@
+"""Per-job confinement: limits applied between fork and exec, cgroups, network gating."""
