@@ -103,15 +103,15 @@ class Miner:
         return self.proc is not None and self.proc.poll() is None
 
 
-def job_processes(job_ids: set[str]) -> list[psutil.Process]:
-    """Live processes of *our* jobs (others, e.g. concurrent test runs, are not ours)."""
+def job_processes(workspace: Path) -> list[psutil.Process]:
+    """Live processes of *our* jobs: their AITBC_WORK_DIR is under our workspace
+    (job ids alone could match a concurrent run's)."""
+    prefix = str(workspace) + os.sep
     found = []
     for proc in psutil.process_iter():
         try:
-            if (
-                proc.environ().get("AITBC_JOB_ID") in job_ids
-                and proc.status() != psutil.STATUS_ZOMBIE
-            ):
+            work_dir = proc.environ().get("AITBC_WORK_DIR") or ""
+            if work_dir.startswith(prefix) and proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(proc)
         except (psutil.Error, OSError):
             continue
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                     data = admin.get(f"/jobs/{job_id}/artifacts/out.bin").content
                     if hashlib.sha256(data).hexdigest() != spec["sha256"]:
                         wrong_sha.append(job_id)
-        orphans = job_processes(set(jobs))
+        orphans = job_processes(tmp / "miner" / "jobs")
         unfinished_ws = []
         root = tmp / "miner" / "jobs"
         for state_file in root.glob("*/state.json"):
@@ -316,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         ):
             if items:
                 print(f"  !! {name}: {items[:20]}")
-        print(f"  verdict                {'PASS' if ok else 'FAIL'}  (logs: {tmp})")
+        kept = args.keep or os.environ.get("CHAOS_KEEP") is not None
+        where = f"logs kept in {tmp}" if kept else "--keep to keep the logs"
+        print(f"  verdict                {'PASS' if ok else 'FAIL'}  ({where})")
         print("CHAOS_RESULT " + json.dumps(result))
         for proc in orphans:
             proc.kill()

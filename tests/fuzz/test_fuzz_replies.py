@@ -238,8 +238,12 @@ def test_content_range_the_miner_sends_is_what_the_coordinator_parses(
         return httpx.Response(200, json=SANE["nodes/register"])
 
     async def main() -> tuple[int, bool]:
-        client = CoordinatorClient(base_url="http://coord.test/api/v1", bootstrap_token="b",
-                                   node_id="n1", transport=httpx.MockTransport(handler))
+        client = CoordinatorClient(
+            base_url="http://coord.test/api/v1",
+            bootstrap_token="b",
+            node_id="n1",
+            transport=httpx.MockTransport(handler),
+        )
         try:
             await client.register(retry=False)
             return await client.upload_put("u1", b"x" * length, first, size)

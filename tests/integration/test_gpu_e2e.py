@@ -12,34 +12,11 @@ import httpx
 import psutil
 
 from tests.support import fake_nvml
+from tests.support.jobs import sh_job, wait_final
 from tests.support.minerproc import miner_env
 from tests.support.wait import wait_for
 
 LAUNCHER = "tests.support.fake_nvml_launcher"
-
-
-def sh_job(job_id: str, script: str, **extra: object) -> dict:
-    job = {
-        "job_id": job_id,
-        "runner": "cli",
-        "timeout_s": 60,
-        "command": "sh",
-        "args": ["-c", script],
-    }
-    job.update(extra)
-    return job
-
-
-def wait_final(mock, job_id: str, timeout: float = 30.0) -> dict:
-    return wait_for(
-        lambda: (
-            (j := mock.admin.job(job_id))["state"]
-            in ("succeeded", "failed", "cancelled", "expired")
-            and j
-        ),
-        timeout=timeout,
-        what=f"job {job_id} final",
-    )
 
 
 def start_gpu_miner(tmp_path: Path, mock, miner_factory, scenario: dict, **env: str):

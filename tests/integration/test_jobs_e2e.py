@@ -9,30 +9,8 @@ from pathlib import Path
 
 import psutil
 
+from tests.support.jobs import cli_job, last_fail, wait_final
 from tests.support.wait import wait_for
-
-
-def cli_job(job_id: str, command: str, args: list[str], **extra: object) -> dict:
-    job = {"job_id": job_id, "runner": "cli", "timeout_s": 30, "command": command, "args": args}
-    job.update(extra)
-    return job
-
-
-def wait_final(mock, job_id: str, timeout: float = 30.0) -> dict:
-    return wait_for(
-        lambda: (
-            (j := mock.admin.job(job_id))["state"]
-            in ("succeeded", "failed", "cancelled", "expired")
-            and j
-        ),
-        timeout=timeout,
-        what=f"job {job_id} final",
-    )
-
-
-def last_fail(job: dict) -> dict:
-    assert job["fails"], f"no fail record: {json.dumps(job)[:2000]}"
-    return job["fails"][-1]
 
 
 def test_cli_job_uploads_artifact_with_right_sha256(mock, miner):

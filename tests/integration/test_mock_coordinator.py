@@ -32,8 +32,15 @@ def canonical(obj: Any) -> bytes:
 
 
 def cli_job(job_id: str, **extra: Any) -> dict[str, Any]:
-    return {"job_id": job_id, "runner": "cli", "timeout_s": 60, "command": "echo",
-            "args": ["hi"], "artifacts": [{"path": "out.txt"}], **extra}
+    return {
+        "job_id": job_id,
+        "runner": "cli",
+        "timeout_s": 60,
+        "command": "echo",
+        "args": ["hi"],
+        "artifacts": [{"path": "out.txt"}],
+        **extra,
+    }
 
 
 class Miner:
@@ -54,27 +61,46 @@ class Miner:
             headers["Idempotency-Key"] = key or str(uuid.uuid4())
         return headers
 
-    def post(self, path: str, body: Any, *, key: str | None = None,
-             token: str | None = None) -> httpx.Response:
+    def post(
+        self, path: str, body: Any, *, key: str | None = None, token: str | None = None
+    ) -> httpx.Response:
         """POST JSON; key=None -> fresh Idempotency-Key, key="" -> none at all."""
         return self.http.post(path, json=body, headers=self.headers(key, token))
 
     def register(self, *, token: str = BOOTSTRAP, key: str | None = None) -> httpx.Response:
-        body = {"node_id": self.node_id, "version": "0.1.0", "runners": ["cli", "python"],
-                "slots": {"cpu": 2, "gpu": 0}, "tags": ["cpu"]}
+        body = {
+            "node_id": self.node_id,
+            "version": "0.1.0",
+            "runners": ["cli", "python"],
+            "slots": {"cpu": 2, "gpu": 0},
+            "tags": ["cpu"],
+        }
         response = self.post("/nodes/register", body, key=key, token=token)
         if response.status_code == 200:
             self.token = response.json()["node_token"]
         return response
 
     def heartbeat(self, running: list[str] | None = None, **kw: Any) -> httpx.Response:
-        body = {"node_id": self.node_id, "seq": 1, "state": "active",
-                "load": {"cpu_pct": 1.0, "load1": 0.1}, "running_jobs": running or []}
+        body = {
+            "node_id": self.node_id,
+            "seq": 1,
+            "state": "active",
+            "load": {"cpu_pct": 1.0, "load1": 0.1},
+            "running_jobs": running or [],
+        }
         return self.post("/nodes/heartbeat", body, **kw)
 
     def pull(self, wait_s: float = 0, key: str | None = None, **filters: Any) -> httpx.Response:
-        body = {"node_id": self.node_id, "filters": {"runners": ["cli", "python"],
-                "gpu_slots_free": 0, "cpu_slots_free": 2, **filters}, "wait_s": wait_s}
+        body = {
+            "node_id": self.node_id,
+            "filters": {
+                "runners": ["cli", "python"],
+                "gpu_slots_free": 0,
+                "cpu_slots_free": 2,
+                **filters,
+            },
+            "wait_s": wait_s,
+        }
         return self.post("/jobs/pull", body, key=key)
 
     def take(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -87,30 +113,75 @@ class Miner:
         return job, lease
 
     def ack(self, job: dict[str, Any], lease: dict[str, Any], **kw: Any) -> httpx.Response:
-        return self.post("/jobs/ack", {"job_id": job["job_id"], "node_id": self.node_id,
-                                       "lease_id": lease["lease_id"],
-                                       "attempt": job["attempt"]}, **kw)
+        return self.post(
+            "/jobs/ack",
+            {
+                "job_id": job["job_id"],
+                "node_id": self.node_id,
+                "lease_id": lease["lease_id"],
+                "attempt": job["attempt"],
+            },
+            **kw,
+        )
 
     def fail(self, job_id: str, attempt: int, code: str, retryable: bool) -> httpx.Response:
-        return self.post("/jobs/fail", {"job_id": job_id, "node_id": self.node_id,
-                                        "attempt": attempt, "error_code": code,
-                                        "error_msg": "boom", "retryable": retryable,
-                                        "logs_ref": None, "logs_tail": "last lines"})
+        return self.post(
+            "/jobs/fail",
+            {
+                "job_id": job_id,
+                "node_id": self.node_id,
+                "attempt": attempt,
+                "error_code": code,
+                "error_msg": "boom",
+                "retryable": retryable,
+                "logs_ref": None,
+                "logs_tail": "last lines",
+            },
+        )
 
-    def result(self, job_id: str, attempt: int, files: dict[str, bytes], *,
-               key: str | None = None, declared: dict[str, Any] | None = None,
-               uploads: dict[str, tuple[str, bytes]] | None = None) -> httpx.Response:
+    def result(
+        self,
+        job_id: str,
+        attempt: int,
+        files: dict[str, bytes],
+        *,
+        key: str | None = None,
+        declared: dict[str, Any] | None = None,
+        uploads: dict[str, tuple[str, bytes]] | None = None,
+    ) -> httpx.Response:
         """Multipart result; `declared` overrides metadata artifact fields per path."""
-        artifacts = [{"path": p, "type": "text/plain", "size": len(b), "sha256": sha(b),
-                      "upload_id": None, **(declared or {}).get(p, {})}
-                     for p, b in files.items()]
+        artifacts = [
+            {
+                "path": p,
+                "type": "text/plain",
+                "size": len(b),
+                "sha256": sha(b),
+                "upload_id": None,
+                **(declared or {}).get(p, {}),
+            }
+            for p, b in files.items()
+        ]
         for path, (upload_id, data) in (uploads or {}).items():
-            artifacts.append({"path": path, "type": "application/octet-stream",
-                              "size": len(data), "sha256": sha(data), "upload_id": upload_id})
-        meta = {"job_id": job_id, "node_id": self.node_id, "attempt": attempt, "exit_code": 0,
-                "started_at": "2025-01-01T00:00:00Z", "finished_at": "2025-01-01T00:00:02Z",
-                "duration_s": 2.0, "usage": {"cpu_s": 1.5, "max_rss_mb": 10, "gpu": []},
-                "artifacts": artifacts}
+            artifacts.append(
+                {
+                    "path": path,
+                    "type": "application/octet-stream",
+                    "size": len(data),
+                    "sha256": sha(data),
+                    "upload_id": upload_id,
+                }
+            )
+        meta = {
+            "job_id": job_id,
+            "node_id": self.node_id,
+            "attempt": attempt,
+            "exit_code": 0,
+            "started_at": "2025-01-01T00:00:00Z",
+            "finished_at": "2025-01-01T00:00:02Z",
+            "duration_s": 2.0,
+            "usage": {"cpu_s": 1.5, "max_rss_mb": 10, "gpu": []},
+            "artifacts": artifacts,
+        }
         parts: list[Any] = [("metadata", (None, json.dumps(meta), "application/json"))]
         parts += [("artifact", (p, b, "application/octet-stream")) for p, b in files.items()]
         return self.http.post("/jobs/result", files=parts, headers=self.headers(key, None))
@@ -144,8 +215,11 @@ def test_ready_line_auth_and_request_validation(mock: MockCoordinator) -> None:
     assert first.status_code == 200 and first.json()["status"] == "active"
     assert first.json()["expires_at"].endswith("Z")
     assert m.pull(key="").status_code == 400  # no Idempotency-Key
-    bad_json = m.http.post("/jobs/pull", content=b"{nope", headers={
-        **m.headers(None, None), "Content-Type": "application/json"})
+    bad_json = m.http.post(
+        "/jobs/pull",
+        content=b"{nope",
+        headers={**m.headers(None, None), "Content-Type": "application/json"},
+    )
     assert bad_json.status_code == 400 and "error" in bad_json.json()
     wrong_type = m.post("/jobs/pull", {"node_id": m.node_id, "wait_s": "soon"})
     assert wrong_type.status_code == 422 and "wait_s" in wrong_type.json()["error"]
@@ -273,8 +347,9 @@ def test_signatures_verify_with_the_announced_key(tmp_path: Path) -> None:
 def test_result_checks_stores_and_deduplicates(mock, miner) -> None:
     job_id = mock.admin.enqueue(cli_job("j-res"))
     miner.take()
-    wrong = miner.result("j-res", 1, {"out.txt": b"hello"},
-                         declared={"out.txt": {"sha256": "0" * 64}})
+    wrong = miner.result(
+        "j-res", 1, {"out.txt": b"hello"}, declared={"out.txt": {"sha256": "0" * 64}}
+    )
     assert wrong.status_code == 422 and "sha256" in wrong.json()["error"]
     short = miner.result("j-res", 1, {"out.txt": b"hello"}, declared={"out.txt": {"size": 3}})
     assert short.status_code == 422
@@ -289,33 +364,41 @@ def test_result_checks_stores_and_deduplicates(mock, miner) -> None:
     record = mock.admin.job(job_id)
     assert record["state"] == "succeeded" and record["results_accepted"] == 1
     assert {a["path"]: a["sha256"] for a in record["artifacts"]} == {
-        "out.txt": sha(b"hello"), "sub/b.bin": sha(b"\x00\x01")}
+        "out.txt": sha(b"hello"),
+        "sub/b.bin": sha(b"\x00\x01"),
+    }
     assert mock.admin.artifact(job_id, "out.txt") == b"hello"
     assert mock.admin.artifact(job_id, "sub/b.bin") == b"\x00\x01"
     assert mock.admin.node(miner.node_id)["violations"] == 0
 
 
 def test_chunked_upload_resumes(mock, miner) -> None:
-    job_id = mock.admin.enqueue(cli_job("j-up", artifacts=[{"path": "big.bin"}]),
-                                chunk_size=1024)
+    job_id = mock.admin.enqueue(cli_job("j-up", artifacts=[{"path": "big.bin"}]), chunk_size=1024)
     miner.take()
     data = bytes(range(256)) * 11 + b"tail"  # 2820 bytes
-    start = {"node_id": miner.node_id, "attempt": 1, "path": "big.bin", "size": len(data),
-             "sha256": sha(data)}
+    start = {
+        "node_id": miner.node_id,
+        "attempt": 1,
+        "path": "big.bin",
+        "size": len(data),
+        "sha256": sha(data),
+    }
     created = miner.post(f"/jobs/{job_id}/uploads", start).json()
     assert created["chunk_size"] == 1024 and created["received"] == 0
     upload_id = created["upload_id"]
 
     def put(first: int, last: int, body: bytes, key: str | None = None) -> httpx.Response:
-        headers = {**miner.headers(key, None),
-                   "Content-Range": f"bytes {first}-{last}/{len(data)}"}
+        headers = {**miner.headers(key, None), "Content-Range": f"bytes {first}-{last}/{len(data)}"}
         return miner.http.put(f"/uploads/{upload_id}", content=body, headers=headers)
 
     assert put(0, 1023, data[:1024]).json() == {"received": 1024}
     skipped = put(2048, 2819, data[2048:])
     assert skipped.status_code == 416 and skipped.json()["received"] == 1024
-    bad_range = miner.http.put(f"/uploads/{upload_id}", content=b"x", headers={
-        **miner.headers(None, None), "Content-Range": "bytes=0-0"})
+    bad_range = miner.http.put(
+        f"/uploads/{upload_id}",
+        content=b"x",
+        headers={**miner.headers(None, None), "Content-Range": "bytes=0-0"},
+    )
     assert bad_range.status_code == 400
     status = miner.http.get(f"/uploads/{upload_id}", headers=miner.headers("", None))
     assert status.json() == {"received": 1024, "size": len(data), "complete": False}
@@ -333,8 +416,7 @@ def test_chunked_upload_resumes(mock, miner) -> None:
 
 
 def test_faults_error_and_dropped_connections(mock, miner) -> None:
-    mock.admin.fault(endpoint="nodes/heartbeat", error_rate=1.0, status=503, retry_after=2,
-                     times=1)
+    mock.admin.fault(endpoint="nodes/heartbeat", error_rate=1.0, status=503, retry_after=2, times=1)
     failed = miner.heartbeat()
     assert failed.status_code == 503 and failed.headers["Retry-After"] == "2"
     assert miner.heartbeat().status_code == 200
@@ -368,13 +450,17 @@ def test_fail_requeues_and_admin_cancel(mock, miner) -> None:
     assert job["attempt"] == 2
     mock.admin.cancel(job_id)
     assert miner.heartbeat(running=["j-fail"]).json()["cancel"] == ["j-fail"]
-    progress = miner.post("/jobs/progress", {"job_id": "j-fail", "node_id": miner.node_id,
-                                             "attempt": 2, "pct": 50, "note": "half"})
+    progress = miner.post(
+        "/jobs/progress",
+        {"job_id": "j-fail", "node_id": miner.node_id, "attempt": 2, "pct": 50, "note": "half"},
+    )
     assert progress.json() == {"cancel": True}
     assert miner.fail("j-fail", 2, "E_CANCELLED", False).status_code == 200
     record = mock.admin.job(job_id)
     assert record["state"] == "cancelled" and [f["error_code"] for f in record["fails"]] == [
-        "E_NOGPU", "E_CANCELLED"]
+        "E_NOGPU",
+        "E_CANCELLED",
+    ]
 
 
 def test_files_count_downloads_and_fail_first(mock: MockCoordinator) -> None:

@@ -11,38 +11,10 @@ import json
 import signal
 from pathlib import Path
 
-import psutil
-
+from tests.support.jobs import pid_gone as gone
+from tests.support.jobs import sh_job
+from tests.support.jobs import wait_final as final
 from tests.support.wait import wait_for
-
-FINAL = ("succeeded", "failed", "cancelled", "expired")
-
-
-def sh_job(job_id: str, script: str, **extra: object) -> dict:
-    job = {
-        "job_id": job_id,
-        "runner": "cli",
-        "timeout_s": 120,
-        "command": "sh",
-        "args": ["-c", script],
-    }
-    job.update(extra)
-    return job
-
-
-def final(mock, job_id: str, timeout: float = 30.0) -> dict:
-    return wait_for(
-        lambda: (j := mock.admin.job(job_id))["state"] in FINAL and j,
-        timeout=timeout,
-        what=f"job {job_id} final",
-    )
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def alive(pid: int) -> bool:

@@ -23,7 +23,7 @@ from tests.support.wait import wait_for
 
 # A python task that shows the job what its environment is: dumped to an artifact
 # and to stdout (so also into logs/exec.log).
-ENV_TASK = '''
+ENV_TASK = """
 import json, os
 
 def run():
@@ -32,7 +32,7 @@ def run():
     with open(os.path.join(os.environ["AITBC_OUTPUT_DIR"], "env.json"), "w") as fh:
         json.dump(env, fh)
     return {"keys": sorted(env)}
-'''
+"""
 
 JOB_ENV_ALLOWED = {
     "PATH", "HOME", "TMPDIR", "LANG", "AITBC_JOB_ID", "AITBC_ATTEMPT", "AITBC_INPUT_DIR",

@@ -19,10 +19,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.support.jobs import pid_gone as gone
+from tests.support.jobs import sh_job as sh
+from tests.support.jobs import wait_final
 from tests.support.minerproc import start_miner
 from tests.support.wait import wait_for
-
-FINAL = ("succeeded", "failed", "cancelled", "expired")
 
 # A narrow writer whose output cap is small enough to hit on purpose.
 SMALL_OUTPUT = """
@@ -36,36 +37,13 @@ max_runtime_s: 60
 """
 
 
-def sh(job_id: str, script: str, **extra: object) -> dict:
-    job = {
-        "job_id": job_id,
-        "runner": "cli",
-        "timeout_s": 60,
-        "command": "sh",
-        "args": ["-c", script],
-    }
-    job.update(extra)
-    return job
-
-
 def run(mock, job: dict, timeout: float = 60) -> dict:
     mock.admin.enqueue(job, retry=False)
-    return wait_for(
-        lambda: (j := mock.admin.job(job["job_id"]))["state"] in FINAL and j,
-        timeout=timeout,
-        what=f"job {job['job_id']} final",
-    )
+    return wait_final(mock, job["job_id"], timeout)
 
 
 def code(job: dict) -> str | None:
     return job["fails"][-1]["error_code"] if job["fails"] else None
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def still_serving(mock, name: str) -> None:
@@ -103,6 +81,7 @@ def test_sandbox_reports_what_it_enforces(sandboxed, mock):
 
 
 def test_fork_bomb_is_contained(sandboxed, mock):
+    miner, _ = sandboxed
     job = run(mock, sh("forkbomb", "b() { b | b & }; b; sleep 60", timeout_s=4), timeout=60)
     assert code(job) == "E_TIMEOUT", job["fails"]
     # pids.max (64 here) stopped it from taking the machine: forks failed inside the job.
@@ -110,7 +89,8 @@ def test_fork_bomb_is_contained(sandboxed, mock):
         "fork" in job["fails"][-1]["logs_tail"].lower()
         or "resource" in job["fails"][-1]["logs_tail"].lower()
     )
-    leftovers = [p for p in psutil.process_iter() if _job_of(p) == "forkbomb"]
+    work_dir = str(miner.workspace / "forkbomb" / "work")
+    leftovers = [p for p in psutil.process_iter() if _work_dir_of(p) == work_dir]
     assert not leftovers, leftovers
     still_serving(mock, "forkbomb")
 
@@ -280,8 +260,9 @@ def test_network_false_job_cannot_reach_a_loopback_listener(sandboxed, mock):
         server.close()
 
 
-def _job_of(proc: psutil.Process) -> str | None:
+def _work_dir_of(proc: psutil.Process) -> str | None:
+    """The workspace a job process belongs to (unique per test run, unlike job ids)."""
     try:
-        return proc.environ().get("AITBC_JOB_ID")
+        return proc.environ().get("AITBC_WORK_DIR")
     except (psutil.Error, OSError):
         return None

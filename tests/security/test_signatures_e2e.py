@@ -59,9 +59,7 @@ def test_hmac_sha256_end_to_end_with_secret_from_env(tmp_path, miner_factory):
     try:
         assert mock.hmac_key_id == "mock-hmac"
         keys = json.dumps({"mock-hmac": "env:MOCK_HMAC_SECRET"})
-        good = miner_factory(
-            mock, AITBC_MINER_SECURITY__HMAC_KEYS=keys, MOCK_HMAC_SECRET=secret
-        )
+        good = miner_factory(mock, AITBC_MINER_SECURITY__HMAC_KEYS=keys, MOCK_HMAC_SECRET=secret)
         mock.admin.enqueue(marker_job("h-1", artifacts=[{"path": "ran-h-1"}]), sign="hmac",
                            retry=False)  # fmt: skip
         job = wait_final(mock, "h-1")
@@ -142,9 +140,7 @@ def test_signed_node_id_and_not_after_bind_a_job(mock, miner):
     mock.admin.enqueue(marker_job("b-elsewhere", node_id="node-someone-else"), retry=False)
     mock.admin.enqueue(marker_job("b-expired", not_after=past), retry=False)
     mock.admin.enqueue(marker_job("b-garbage", not_after="tomorrow-ish"), retry=False)
-    mock.admin.enqueue(
-        marker_job("b-mine", node_id=miner.node_id, not_after=future), retry=False
-    )
+    mock.admin.enqueue(marker_job("b-mine", node_id=miner.node_id, not_after=future), retry=False)
     refused(mock, miner, "b-elsewhere", "addressed to another node")
     refused(mock, miner, "b-expired", "expired")
     refused(mock, miner, "b-garbage", "not_after")
