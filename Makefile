@@ -49,6 +49,12 @@ system-test: $(STAMP)
 chaos: $(STAMP)
 	$(PY) scripts/chaos.py --jobs 300 --kills 10 --terms 3
 
+# The performance figures (dispatch latency, overhead, throughput vs a naive
+# bash+curl loop, idle footprint, upload vs curl, recovery, sandbox cost) as one
+# table, also in bench/results.json; about 8 minutes. See docs/benchmarks.md.
+bench: $(STAMP)
+	$(PY) scripts/bench.py
+
 run: $(STAMP)
 	MINER_AUTH=$${MINER_AUTH:-dev-bootstrap-token} $(PY) -m aitbc_miner run --config etc/config.dev.yaml
 

@@ -653,21 +653,26 @@ class Agent:
                 if wait_s == 0:
                     await trio.sleep(jittered(1.0, 20, self.rng))
                 continue
-            self._accept(ctx, jobs, reply)
+            handle = self._accept(ctx, jobs, reply)
+            if handle is not None:
+                # Ack before the next long poll goes out: the ack then never
+                # queues behind our own pull at the coordinator.
+                with trio.move_on_after(self.cfg.coordinator.timeout_s):
+                    await handle.ack_done.wait()
 
-    def _accept(self, ctx: JobContext, jobs: trio.Nursery, reply: PullReply) -> None:
+    def _accept(self, ctx: JobContext, jobs: trio.Nursery, reply: PullReply) -> JobHandle | None:
         raw = reply.job
         assert raw is not None
         handle = job_handle_for(raw)
         if handle is None:
             log.error("job_unidentifiable", job=repr(raw)[:300])
-            return
+            return None
         if reply.lease is None:
             log.error("job_without_lease", job_id=handle.job_id[:128])
-            return
+            return None
         if handle.job_id in self.jobs:
             log.error("job_handed_out_twice", job_id=handle.job_id[:128])
-            return
+            return None
         kind = "gpu" if handle.gpu and self.gpu_free > 0 else "cpu" if not handle.gpu else None
         if kind == "cpu":
             self.cpu_used += 1
@@ -677,6 +682,7 @@ class Agent:
         self.jobs[handle.job_id] = handle
         self._changed_now()
         jobs.start_soon(self._job_task, ctx, reply, handle, kind)
+        return handle
 
     async def _job_task(
         self, ctx: JobContext, reply: PullReply, handle: JobHandle, kind: str | None

@@ -73,7 +73,10 @@ class JobHandle:
     phase: Phase = Phase.ACKED
     gpus: tuple[str, ...] = ()  # UUIDs of the assigned GPUs
     gpu_indices: tuple[int, ...] = ()  # their NVML indices (usage.gpu)
-    slot: str | None = None  # "cpu" | "gpu" | None (no slot could be given)
+    slot: str | None = None
+    ack_done: trio.Event = field(
+        default_factory=trio.Event
+    )  # the ack call is over  # "cpu" | "gpu" | None (no slot could be given)
 
     def cancel(self, reason: str) -> None:
         if not self.cancel_event.is_set():
@@ -205,7 +208,10 @@ class JobRun:
         job_id, attempt = self.handle.job_id, self.handle.attempt
         structlog.contextvars.bind_contextvars(job_id=job_id)
         try:
-            await self.ctx.client.ack(job_id, self.lease_id, attempt)
+            try:
+                await self.ctx.client.ack(job_id, self.lease_id, attempt)
+            finally:
+                self.handle.ack_done.set()
         except JobGone as exc:
             return self._finished(Phase.ABANDONED, None, f"ack refused: {exc}")
         except CoordinatorError as exc:
@@ -229,8 +235,7 @@ class JobRun:
             raise JobFailure(
                 ErrorCode.INVALID, "job_id must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
             )
-        self.ws = Workspace.create(self.ctx.root, self.handle.job_id, self.handle.attempt)
-        write_atomic(self.ws.path / "manifest.json", json.dumps(self.raw).encode(), mode=0o400)
+        self.ws = await trio.to_thread.run_sync(self._create_workspace)
         self.state = JobState(
             job_id=self.handle.job_id,
             attempt=self.handle.attempt,
@@ -242,7 +247,10 @@ class JobRun:
             updated_at=time.time(),
             boot_id=current_boot_id(),
         )
-        await self._persist()
+        # ACKED is not journaled on its own: its work (the checks below) has no
+        # side effects, and recovery would treat it like PREP, which is written
+        # next. A crash in between leaves a workspace without state (quarantined
+        # at start) and a lease that expires at the coordinator.
         manifest = parse_manifest(self.raw)
         plan = self._plan(manifest)
         self.state = self.state.evolve(max_output_mb=plan.max_output_mb)
@@ -258,7 +266,6 @@ class JobRun:
                 await trio.to_thread.run_sync(self.cgroup.remove)
         self.marks["ran"] = time.monotonic()
         self._check_exit(result, plan)
-        await self._advance(Event.EXITED_OK)
         return await self._upload(manifest)
 
     # -- checks -------------------------------------------------------------------------
@@ -362,7 +369,8 @@ class JobRun:
         async def started(pgid: int) -> None:
             assert self.state is not None
             self.state = self.state.evolve(pgid=pgid)
-            await self._persist()
+            if self.cgroup is None:  # a recorded cgroup already finds every process
+                await self._persist()
 
         try:
             with unwrap_group():
@@ -450,24 +458,48 @@ class JobRun:
             retryable=reason == "shutdown",
         )
 
-    async def _upload(self, m: Manifest) -> Phase:
-        """Collect artifacts (sizes capped while hashing), persist them, deliver."""
-        ws, state = self.ws, self.state
-        assert ws is not None and state is not None
+    def _create_workspace(self) -> Workspace:
+        ws = Workspace.create(self.ctx.root, self.handle.job_id, self.handle.attempt)
+        write_atomic(ws.path / "manifest.json", json.dumps(self.raw).encode(), mode=0o400)
+        return ws
+
+    def _collect(
+        self, m: Manifest, cap_mb: int, stack: ExitStack
+    ) -> tuple[list[ArtifactRecord], dict[str, int]]:
+        """Move, open and hash the declared artifacts (blocking: run in a thread)."""
+        ws = self.ws
+        assert ws is not None
         ws.promote_artifacts(m.artifacts)
-        cap_mb = state.max_output_mb or PYTHON_MAX_OUTPUT_MB
         budget = cap_mb * MIB
         records: list[ArtifactRecord] = []
+        fds: dict[str, int] = {}
+        for spec in m.artifacts:
+            cap = min(budget, (spec.max_mb or cap_mb) * MIB)
+            fd, size, digest = ws.open_artifact(spec.path, cap)
+            stack.callback(os.close, fd)
+            budget -= size
+            fds[spec.path] = fd
+            records.append(ArtifactRecord(spec.path, spec.type, size, digest))
+        return records, fds
+
+    async def _upload(self, m: Manifest) -> Phase:
+        """Collect artifacts (sizes capped while hashing), persist them, deliver."""
+        state = self.state
+        assert state is not None
+        cap_mb = state.max_output_mb or PYTHON_MAX_OUTPUT_MB
         with ExitStack() as stack:
-            fds: dict[str, int] = {}
-            for spec in m.artifacts:
-                cap = min(budget, (spec.max_mb or cap_mb) * MIB)
-                fd, size, digest = ws.open_artifact(spec.path, cap)
-                stack.callback(os.close, fd)
-                budget -= size
-                fds[spec.path] = fd
-                records.append(ArtifactRecord(spec.path, spec.type, size, digest))
-            self.state = state.evolve(artifacts=tuple(records), final_key=str(uuid.uuid4()))
+            # Hashing a big artifact must not stall the event loop (heartbeats, /healthz).
+            records, fds = await trio.to_thread.run_sync(self._collect, m, cap_mb, stack)
+            # One write for "exited OK" and what to upload under which key.
+            phase = (
+                advance(state.phase, Event.EXITED_OK)
+                if state.phase is Phase.RUNNING
+                else state.phase
+            )
+            self.handle.phase = phase
+            self.state = state.evolve(
+                phase=phase, artifacts=tuple(records), final_key=str(uuid.uuid4())
+            )
             await self._persist()
             return await self._deliver(fds)
 

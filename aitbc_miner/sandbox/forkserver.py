@@ -6,8 +6,10 @@ so it must not run Python between fork and exec (no preexec_fn); this process
 has no threads, so its forked child may: setsid, umask 077, join the job's
 cgroups, setrlimit, nice, ionice, PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, a
 private network namespace with only loopback, a Landlock filesystem view
-limited to the job's own workspace and the system directories, then execve. Measured ~1 ms per
-job against ~3-5 ms for a chain of util-linux wrappers (see docs in README).
+limited to the job's own workspace and the system directories, then execve.
+Costs ~2 ms per job more than a bare Popen without limits, ~5 ms with all of
+them back to back, plus a kernel RCU grace period per cgroup move when the
+machine is idle (README, Sandbox; docs/benchmarks.md).
 
 Protocol on a SOCK_SEQPACKET socket, one JSON object per message:
   daemon → {"op": "spawn", "argv", "env", "cwd", "limits": {...}} + SCM_RIGHTS [stdout fd]
