@@ -293,6 +293,13 @@ class Agent:
             cgroup_mode=self.cfg.resources.cgroup,
             reason=self.sandbox.reason or None,
         )
+        if self.sandbox.active and not self.sandbox.favordynmods:
+            log.info(
+                "cgroup_moves_slow",
+                detail="each job start waits ~10-20 ms for the kernel to move it into its "
+                "cgroup; mount cgroup2 with favordynmods (or boot with "
+                "cgroup_favordynmods=true) to make that ~0.3 ms",
+            )
         if self.forkserver.netns != "ok":
             log.warning(
                 "network_isolation_unavailable",

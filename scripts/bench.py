@@ -480,15 +480,16 @@ class Bench:
                             "enqueued -> handed out (mock)": att["handed_out_at"]
                             - rec["enqueued_at"],
                             "handed out -> acked (mock)": att["acked_at"] - att["handed_out_at"],
-                            "acked -> state ACKED (verify, workspace, manifest)": pt["ACKED"]
+                            "acked -> PREP (verify, workspace, manifest, plan)": pt["PREP"]
                             - att["acked_at"],
-                            "ACKED -> PREP (plan, allowlist)": pt["PREP"] - pt["ACKED"],
                             "PREP -> RUNNING (inputs, cgroup)": pt["RUNNING"] - pt["PREP"],
                             "RUNNING -> job's first stamp (spawn)": t1 - pt["RUNNING"],
                             "job runtime (first -> last stamp)": t2 - t1,
-                            "job's last stamp -> UPLOADING (exit, reap, cgroup)": pt["UPLOADING"]
+                            "job's last stamp -> UPLOADING (exit, reap, cgroup, hash)": pt[
+                                "UPLOADING"
+                            ]
                             - t2,
-                            "UPLOADING -> result accepted (collect, persist, POST)": att["ended_at"]
+                            "UPLOADING -> result accepted (POST)": att["ended_at"]
                             - pt["UPLOADING"],
                         }
                     )

@@ -40,6 +40,9 @@ class CgroupSupport:
     v2_controllers: frozenset[str] = frozenset()
     v1_bases: dict[str, Path] = field(default_factory=dict)  # controller -> base dir
     reason: str = ""
+    # Moving a task into a cgroup waits for an RCU grace period (10-20 ms on an
+    # idle host) unless cgroup2 is mounted with favordynmods (kernel >= 6.0).
+    favordynmods: bool = False
 
     def enforced(self) -> dict[str, str]:
         """One line per resource for the start-up log and /healthz."""
@@ -106,6 +109,7 @@ def detect(mode: str, *, proc: Path = Path("/proc/self"), pid: int | None = None
     own = _own_paths(_read(proc / "cgroup"))
     support = CgroupSupport(reason="no writable cgroup found")
     v2_mount = next((m for m, fs, _ in mounts if fs == "cgroup2"), None)
+    favor = any(fs == "cgroup2" and "favordynmods" in opts for _, fs, opts in mounts)
     if v2_mount is not None and "" in own:
         v2 = _setup_v2(Path(v2_mount), own[""], pid or os.getpid())
         if v2 is not None:
@@ -124,7 +128,7 @@ def detect(mode: str, *, proc: Path = Path("/proc/self"), pid: int | None = None
             continue
         if _writable_dir(base):
             v1[ctrl] = base
-    support = CgroupSupport(support.v2_base, support.v2_controllers, v1, support.reason)
+    support = CgroupSupport(support.v2_base, support.v2_controllers, v1, support.reason, favor)
     memory_ok = "memory" in support.v2_controllers or "memory" in support.v1_bases
     if mode == "required" and (support.v2_base is None or not memory_ok):
         raise CgroupUnavailable(

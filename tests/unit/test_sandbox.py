@@ -257,3 +257,14 @@ async def test_forkserver_leaves_the_daemon_limits_alone(forkserver, tmp_path):
     before = resource.getrlimit(resource.RLIMIT_NOFILE)
     await run_with(forkserver, tmp_path, "true", {"rlimits": {"NOFILE": (20, 20)}})
     assert resource.getrlimit(resource.RLIMIT_NOFILE) == before
+
+
+def test_detect_reads_favordynmods_from_mountinfo(tmp_path):
+    proc = tmp_path / "fake-proc-self"
+    proc.mkdir()
+    line = "30 25 0:26 / {mnt} rw,nosuid - cgroup2 cgroup2 rw,{opts}\n"
+    (proc / "cgroup").write_text("0::/nonexistent-group\n")
+    (proc / "mountinfo").write_text(line.format(mnt=tmp_path / "no-such-mount", opts="favordynmods"))
+    assert detect("auto", proc=proc).favordynmods
+    (proc / "mountinfo").write_text(line.format(mnt=tmp_path / "no-such-mount", opts="nsdelegate"))
+    assert not detect("auto", proc=proc).favordynmods
