@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -41,8 +42,21 @@ def _fail(code: int, message: str) -> int:
     return code
 
 
+# Stop/reload signals that arrive while the daemon is still importing and
+# starting up are remembered here and acted on once the event loop listens,
+# instead of killing a half-started process (exit by SIGTERM, no deregister).
+_EARLY_SIGNALS: list[int] = []
+
+
+def _remember_signal(signum: int, _frame: object) -> None:
+    _EARLY_SIGNALS.append(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "run":
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, _remember_signal)
     if args.command == "version":
         print(f"aitbc-miner {__version__}")
         return EXIT_OK
@@ -146,7 +160,7 @@ def _run(cfg, allowlist) -> int:
         logs.get_logger().warning("allowlist_warning", detail=warning)
     _not_dumpable()
     try:
-        agent = Agent(cfg, allowlist)
+        agent = Agent(cfg, allowlist, early_signals=_EARLY_SIGNALS)
     except CgroupUnavailable as exc:
         return _fail(EXIT_CONFIG, f"resources.cgroup: {exc}")
     try:

@@ -69,6 +69,7 @@ class Agent:
         nvml: Any = None,
         rng: random.Random | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        early_signals: list[int] | None = None,
     ) -> None:
         self.cfg = cfg
         self.node_id = cfg.node_id
@@ -81,6 +82,7 @@ class Agent:
         self.sandbox = detect(cfg.resources.cgroup)  # raises CgroupUnavailable when required
         self.forkserver = ForkServer()
         self.disk_low = False
+        self._early_signals = early_signals if early_signals is not None else []
         self._inflight_pull: tuple[trio.CancelScope, dict[str, Any]] | None = None
         self.gpu_reserved_mb: dict[str, int] = {}  # uuid -> VRAM those jobs asked for
         self._gpu_claims: dict[str, tuple[tuple[str, ...], int]] = {}  # job_id -> (uuids, MiB)
@@ -391,11 +393,16 @@ class Agent:
 
     async def _signal_loop(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            while self._early_signals:  # arrived before we listened (see __main__)
+                await self._on_signal(self._early_signals.pop(0))
             async for signum in signals:
-                if signum == signal.SIGHUP:
-                    await self.reload_allowlist()
-                else:
-                    self.begin_drain(signal.Signals(signum).name)
+                await self._on_signal(signum)
+
+    async def _on_signal(self, signum: int) -> None:
+        if signum == signal.SIGHUP:
+            await self.reload_allowlist()
+        else:
+            self.begin_drain(signal.Signals(signum).name)
 
     async def reload_allowlist(self) -> None:
         """SIGHUP: swap in freshly loaded allowlist files; keep the old ones on error.

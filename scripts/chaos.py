@@ -241,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                 miner.start()
             else:
                 time.sleep(0.25)
+        # Stop it the way an operator does: SIGTERM, expecting a clean drain and exit 0
+        # (even if it was restarted a moment ago and is still starting up).
         miner.proc.send_signal(signal.SIGTERM)
         last_exit = miner.proc.wait(60)
 
