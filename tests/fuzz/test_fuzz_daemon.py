@@ -29,12 +29,12 @@ from hypothesis import strategies as st
 
 from aitbc_miner.agent import Agent
 from aitbc_miner.allowlist import load_allowlist
-from aitbc_miner.config import load_config
 from aitbc_miner.errors import JobFailure
 from aitbc_miner.manifest import JOB_ID_RE, job_identity, parse_manifest
 from aitbc_miner.security import canonical_bytes
 from tests.fuzz.profile import budget, seen
 from tests.fuzz.strategies import json_values, manifests
+from tests.support.agentcfg import agent_config
 
 REPO = Path(__file__).resolve().parents[2]
 SCRATCH = Path(tempfile.mkdtemp(prefix="aitbc-fuzz-daemon-"))
@@ -157,28 +157,23 @@ class FakeCoordinator:
 
 
 def make_agent(root: Path, transport: httpx.MockTransport) -> Agent:
-    env = {
-        "MINER_AUTH": "fuzz-bootstrap",
-        "AITBC_MINER_NODE_ID": "node-fuzz",
-        "AITBC_MINER_COORDINATOR__BASE_URL": "http://127.0.0.1:9/api/v1",
-        "AITBC_MINER_COORDINATOR__PULL_WAIT_S": "1",
-        "AITBC_MINER_WORKSPACE__ROOT": str(root / "jobs"),
-        "AITBC_MINER_CACHE__ROOT": str(root / "cache"),
-        "AITBC_MINER_HEALTH__LISTEN": "",
-        "AITBC_MINER_HEARTBEAT__INTERVAL_S": "0.2",
-        "AITBC_MINER_HEARTBEAT__BACKOFF__MIN_S": "0.01",
-        "AITBC_MINER_HEARTBEAT__BACKOFF__MAX_S": "0.05",
-        "AITBC_MINER_RUNNERS__CLI__ALLOWLIST_FILES": json.dumps([str(ALLOWLIST)]),
-        "AITBC_MINER_RUNNERS__PYTHON__TASK_PATHS": json.dumps([str(REPO / "aitbc_miner/tasks")]),
-        "AITBC_MINER_RUNNERS__PYTHON__VENV": str(REPO / ".venv"),
-        "AITBC_MINER_SECURITY__MANIFEST_KEYS": json.dumps({"k1": PUB}),
-        "AITBC_MINER_RESOURCES__CGROUP": "off",
-        "AITBC_MINER_GPU__ENABLE": "false",
-        "AITBC_MINER_SHUTDOWN__GRACE_S": "2",
-        "AITBC_MINER_SHUTDOWN__KILL_GRACE_S": "1",
-        "AITBC_MINER_LOGGING__LEVEL": "error",
-    }
-    cfg = load_config(None, env)
+    cfg = agent_config(
+        root,
+        AITBC_MINER_NODE_ID="node-fuzz",
+        AITBC_MINER_COORDINATOR__PULL_WAIT_S="1",
+        AITBC_MINER_HEARTBEAT__INTERVAL_S="0.2",
+        AITBC_MINER_HEARTBEAT__BACKOFF__MIN_S="0.01",
+        AITBC_MINER_HEARTBEAT__BACKOFF__MAX_S="0.05",
+        AITBC_MINER_RUNNERS__CLI__ALLOWLIST_FILES=json.dumps([str(ALLOWLIST)]),
+        AITBC_MINER_RUNNERS__PYTHON__TASK_PATHS=json.dumps([str(REPO / "aitbc_miner/tasks")]),
+        AITBC_MINER_RUNNERS__PYTHON__VENV=str(REPO / ".venv"),
+        AITBC_MINER_SECURITY__MANIFEST_KEYS=json.dumps({"k1": PUB}),
+        AITBC_MINER_RESOURCES__CGROUP="off",
+        AITBC_MINER_GPU__ENABLE="false",
+        AITBC_MINER_SHUTDOWN__GRACE_S="2",
+        AITBC_MINER_SHUTDOWN__KILL_GRACE_S="1",
+        AITBC_MINER_LOGGING__LEVEL="error",
+    )
     return Agent(cfg, load_allowlist(cfg.runners.cli.allowlist_files), transport=transport)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import ssl
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from urllib.parse import quote
 
 import httpx
 
+from tests.support.procs import kill_process, stop_process
 from tests.support.wait import wait_for
 
 
@@ -127,20 +127,11 @@ class MockCoordinator:
     def stop(self, timeout: float = 10) -> int:
         """SIGTERM, wait; SIGKILL if it does not exit in time. Returns the exit code."""
         self.admin.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
     def kill(self) -> None:
         self.admin.close()
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
+        kill_process(self.proc)
 
     def __enter__(self) -> MockCoordinator:
         return self

@@ -6,24 +6,14 @@ from pathlib import Path
 
 from aitbc_miner.agent import Agent
 from aitbc_miner.allowlist import load_allowlist
-from aitbc_miner.config import load_config
 from aitbc_miner.manifest import parse_manifest
 from tests.support import fake_nvml
+from tests.support.agentcfg import agent_config
 from tests.support.fake_nvml import FakeNvml
 
 
 def make_agent(tmp_path: Path, scenario: dict, **env: str) -> Agent:
-    environ = {
-        "MINER_AUTH": "t",
-        "AITBC_MINER_COORDINATOR__BASE_URL": "http://127.0.0.1:9/api/v1",
-        "AITBC_MINER_WORKSPACE__ROOT": str(tmp_path / "jobs"),
-        "AITBC_MINER_CACHE__ROOT": str(tmp_path / "cache"),
-        "AITBC_MINER_RUNNERS__CLI__ALLOWLIST_FILES": "[]",
-        "AITBC_MINER_HEALTH__LISTEN": "",
-        "AITBC_MINER_RESOURCES__MAX_CONCURRENT_GPU": "4",
-        **env,
-    }
-    cfg = load_config(None, environ)
+    cfg = agent_config(tmp_path, AITBC_MINER_RESOURCES__MAX_CONCURRENT_GPU="4", **env)
     return Agent(cfg, load_allowlist([]), nvml=FakeNvml(scenario))
 
 

@@ -9,22 +9,15 @@ import trio
 
 from aitbc_miner.agent import Agent
 from aitbc_miner.allowlist import load_allowlist
-from aitbc_miner.config import load_config
+from tests.support.agentcfg import agent_config
 
 
 def make_agent(tmp_path, early: list[int], calls: list[str]) -> Agent:
-    cfg = load_config(
-        None,
-        {
-            "MINER_AUTH": "boot-token",
-            "AITBC_MINER_NODE_ID": "node-sig",
-            "AITBC_MINER_COORDINATOR__BASE_URL": "http://127.0.0.1:9/api/v1",
-            "AITBC_MINER_WORKSPACE__ROOT": str(tmp_path / "jobs"),
-            "AITBC_MINER_CACHE__ROOT": str(tmp_path / "cache"),
-            "AITBC_MINER_HEALTH__LISTEN": "",
-            "AITBC_MINER_RESOURCES__CGROUP": "off",
-            "AITBC_MINER_GPU__ENABLE": "false",
-        },
+    cfg = agent_config(
+        tmp_path,
+        AITBC_MINER_NODE_ID="node-sig",
+        AITBC_MINER_RESOURCES__CGROUP="off",
+        AITBC_MINER_GPU__ENABLE="false",
     )
 
     def handler(request: httpx.Request) -> httpx.Response:

@@ -264,7 +264,9 @@ def test_detect_reads_favordynmods_from_mountinfo(tmp_path):
     proc.mkdir()
     line = "30 25 0:26 / {mnt} rw,nosuid - cgroup2 cgroup2 rw,{opts}\n"
     (proc / "cgroup").write_text("0::/nonexistent-group\n")
-    (proc / "mountinfo").write_text(line.format(mnt=tmp_path / "no-such-mount", opts="favordynmods"))
+    (proc / "mountinfo").write_text(
+        line.format(mnt=tmp_path / "no-such-mount", opts="favordynmods")
+    )
     assert detect("auto", proc=proc).favordynmods
     (proc / "mountinfo").write_text(line.format(mnt=tmp_path / "no-such-mount", opts="nsdelegate"))
     assert not detect("auto", proc=proc).favordynmods
