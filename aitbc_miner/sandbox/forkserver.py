@@ -260,7 +260,10 @@ def serve(sock: socket.socket) -> None:
     sock.send(json.dumps(hello).encode())
     while True:
         try:
-            data, ancdata, _, _ = sock.recvmsg(1 << 20, socket.CMSG_SPACE(16))
+            # MSG_CMSG_CLOEXEC: the job's stdout pipe must not leak into it as a 4th fd.
+            data, ancdata, _, _ = sock.recvmsg(
+                1 << 20, socket.CMSG_SPACE(16), socket.MSG_CMSG_CLOEXEC
+            )
         except InterruptedError:
             continue
         if not data:
@@ -295,6 +298,9 @@ def main() -> int:
         return 1
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
     sock = socket.socket(fileno=int(sys.argv[1]))
+    # Inherited from the daemon (pass_fds), so inheritable: a job holding this
+    # socket could read the daemon's requests and forge replies. Never past exec.
+    sock.set_inheritable(False)
     serve(sock)
     return 0
 

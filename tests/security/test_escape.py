@@ -226,6 +226,27 @@ def test_shell_metacharacters_reach_the_program_literally(sandboxed, mock):
     assert not list((miner.workspace / "meta" / "work").glob("pwned*"))
 
 
+def test_job_inherits_no_descriptor_of_the_daemon_or_fork_server(sandboxed, mock):
+    """A leaked fork-server socket would let a job read spawn requests and forge replies."""
+    miner, _ = sandboxed
+    script = (
+        "exec python3 -c \"import os; d = '/proc/self/fd'; "
+        "rows = [f'{n} {os.readlink(d + chr(47) + n)}' for n in os.listdir(d) "
+        "if os.path.exists(d + chr(47) + n)]; open('fds.txt', 'w').write(chr(10).join(rows))\""
+    )
+    job = run(mock, sh("fdleak", script))
+    assert job["state"] == "succeeded", job["fails"]
+    lines = (miner.workspace / "fdleak" / "work" / "fds.txt").read_text().splitlines()
+    fds = dict(line.split(" ", 1) for line in lines)
+    assert {"0", "1", "2"} <= set(fds), fds
+    assert fds["0"] == "/dev/null"
+    # Beyond stdin/stdout/stderr: at most the directory python opened to list them.
+    extra = {n: target for n, target in fds.items() if n not in ("0", "1", "2")}
+    assert all(t.startswith("/proc/") for t in extra.values()), extra
+    assert not any("socket:" in t for t in fds.values()), fds
+    still_serving(mock, "fdleak")
+
+
 def test_network_false_job_cannot_reach_a_loopback_listener(sandboxed, mock):
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
