@@ -191,9 +191,17 @@ class GpuInventory:
         try:
             mem = nvml.nvmlDeviceGetMemoryInfo(handle)
             name = _text(nvml.nvmlDeviceGetName(handle))
+            mig = _optional(nvml.nvmlDeviceGetMigMode, handle)
+            mig_on = bool(mig and mig[0] == getattr(nvml, "NVML_DEVICE_MIG_ENABLE", 1))
+            # In MIG mode NVML lists the whole GPU's processes to privileged callers
+            # only (NoPermission for the daemon's user): unknown, not a failure.
+            listed = (
+                _optional(nvml.nvmlDeviceGetComputeRunningProcesses, handle) or []
+                if mig_on
+                else nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            )
             processes = tuple(
-                GpuProcess(int(p.pid), int(p.usedGpuMemory or 0) // MIB)
-                for p in nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                GpuProcess(int(p.pid), int(p.usedGpuMemory or 0) // MIB) for p in listed
             )
         except Exception as exc:
             prior = self._known.get(uuid) or GpuInfo(index, uuid, "unavailable", 0, 0, 0)
@@ -203,7 +211,6 @@ class GpuInventory:
         temp = _optional(
             nvml.nvmlDeviceGetTemperature, handle, getattr(nvml, "NVML_TEMPERATURE_GPU", 0)
         )
-        mig = _optional(nvml.nvmlDeviceGetMigMode, handle)
         numa = _optional(getattr(nvml, "nvmlDeviceGetNumaNodeId", None), handle)
         return GpuInfo(
             index=index,
@@ -217,7 +224,7 @@ class GpuInventory:
             temperature_c=int(temp) if temp is not None else None,
             driver=driver,
             cuda=cuda,
-            mig=bool(mig and mig[0] == getattr(nvml, "NVML_DEVICE_MIG_ENABLE", 1)),
+            mig=mig_on,
             numa_node=int(numa) if isinstance(numa, int) and numa >= 0 else None,
             processes=processes,
         )
