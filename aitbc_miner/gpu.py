@@ -106,6 +106,26 @@ def _optional(fn: Any, *args: Any) -> Any:
         return None
 
 
+def _missing_symbol(nvml: Any, exc: BaseException) -> bool:
+    """`exc` says the driver's libnvidia-ml lacks the C symbol pynvml called.
+
+    pynvml raises NVMLError_FunctionNotFound, wrapped as NVMLLibraryMismatchError
+    by its unversioned functions (nvmlDeviceGetComputeRunningProcesses among them).
+    """
+    for name in ("NVMLLibraryMismatchError", "NVMLError_FunctionNotFound"):
+        cls = getattr(nvml, name, None)
+        if isinstance(cls, type) and isinstance(exc, cls):
+            return True
+    return False
+
+
+_PROCESSES_V2 = "nvmlDeviceGetComputeRunningProcesses_v2"  # pre-R510 drivers' listing
+
+
+def _process_list(listed: Iterable[Any]) -> list[GpuProcess]:
+    return [GpuProcess(int(p.pid), int(p.usedGpuMemory or 0) // MIB) for p in listed]
+
+
 class GpuInventory:
     """Reads the GPUs through NVML; thread-safe, initialises NVML once."""
 
@@ -120,6 +140,7 @@ class GpuInventory:
         self._down: dict[str, str] = {}  # uuid -> reason, for one log line per transition
         self._quarantine: dict[str, frozenset[int]] = {}  # uuid -> leftover pids
         self._mig_logged: set[str] = set()
+        self._processes_v2 = False  # the driver lacks ..._v3: list through ..._v2
 
     @property
     def active(self) -> bool:
@@ -195,13 +216,10 @@ class GpuInventory:
             mig_on = bool(mig and mig[0] == getattr(nvml, "NVML_DEVICE_MIG_ENABLE", 1))
             # In MIG mode NVML lists the whole GPU's processes to privileged callers
             # only (NoPermission for the daemon's user): unknown, not a failure.
-            listed = (
-                _optional(nvml.nvmlDeviceGetComputeRunningProcesses, handle) or []
-                if mig_on
-                else nvml.nvmlDeviceGetComputeRunningProcesses(handle)
-            )
             processes = tuple(
-                GpuProcess(int(p.pid), int(p.usedGpuMemory or 0) // MIB) for p in listed
+                (_optional(self._processes, nvml, handle) or ())
+                if mig_on
+                else self._processes(nvml, handle)
             )
         except Exception as exc:
             prior = self._known.get(uuid) or GpuInfo(index, uuid, "unavailable", 0, 0, 0)
@@ -228,6 +246,30 @@ class GpuInventory:
             numa_node=int(numa) if isinstance(numa, int) and numa >= 0 else None,
             processes=processes,
         )
+
+    def _processes(self, nvml: Any, handle: Any) -> list[GpuProcess]:
+        """NVML's compute processes on a device, through the call this driver has.
+
+        pynvml's nvmlDeviceGetComputeRunningProcesses calls only the C symbol
+        ..._v3, which drivers before R510 (R470, common on mining rigs) lack; they
+        have ..._v2, which fills the same entries. The first missing-symbol failure
+        switches this inventory to _v2 for good (the loaded library does not change);
+        any other failure is the device's and is raised as it is. Caller holds _lock.
+        """
+        if not self._processes_v2:
+            try:
+                return _process_list(nvml.nvmlDeviceGetComputeRunningProcesses(handle))
+            except Exception as exc:
+                if not _missing_symbol(nvml, exc) or not hasattr(nvml, _PROCESSES_V2):
+                    raise
+                self._processes_v2 = True
+                log.info(
+                    "gpu_processes_legacy_call",
+                    call=_PROCESSES_V2,
+                    missing="nvmlDeviceGetComputeRunningProcesses_v3",
+                    error=type(exc).__name__,
+                )
+        return _process_list(nvml.nvmlDeviceGetComputeRunningProcesses_v2(handle))
 
     @staticmethod
     def _unavailable(g: GpuInfo, reason: str) -> GpuInfo:
@@ -302,11 +344,7 @@ class GpuInventory:
                 return None
             nvml = self._nvml
             try:
-                handle = nvml.nvmlDeviceGetHandleByUUID(uuid)
-                return [
-                    GpuProcess(int(p.pid), int(p.usedGpuMemory or 0) // MIB)
-                    for p in nvml.nvmlDeviceGetComputeRunningProcesses(handle)
-                ]
+                return self._processes(nvml, nvml.nvmlDeviceGetHandleByUUID(uuid))
             except Exception as exc:
                 log.warning("gpu_processes_unreadable", uuid=uuid, error=str(exc))
                 return None

@@ -9,7 +9,8 @@ struct layouts, NVML return codes turned into NVMLError_* classes, and the
 bytes/str decoding all go through ctypes for real. Nothing in pynvml is patched:
 in-process tests only hand pynvml the shim as its loaded library (module state
 restored afterwards); the subprocess tests load it through pynvml's own
-`CDLL("libnvidia-ml.so.1")` via LD_LIBRARY_PATH.
+`CDLL("libnvidia-ml.so.1")` via LD_LIBRARY_PATH. The shim's legacy build plays a
+pre-R510 driver (R470): no nvmlDeviceGetComputeRunningProcesses_v3, only ..._v2.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import httpx
 import pynvml
 import pytest
 
-from aitbc_miner import probe
+from aitbc_miner import gpu, probe
 from aitbc_miner.gpu import (
     TOPO_SINGLE,
     TOPO_SYSTEM,
@@ -48,13 +49,43 @@ from tests.support.minerproc import REPO
 from tests.support.wait import wait_for
 
 MIB = 1024 * 1024
+V3 = "nvmlDeviceGetComputeRunningProcesses_v3"
+V2 = "nvmlDeviceGetComputeRunningProcesses_v2"
+
+
+def _build(factory: pytest.TempPathFactory, *, legacy: bool) -> Path:
+    if nvml_shim.compiler() is None:
+        pytest.skip("no C compiler (cc, gcc or clang) to build the fake libnvidia-ml.so.1")
+    return nvml_shim.build(factory.getbasetemp() / "nvml-shim", legacy=legacy)
 
 
 @pytest.fixture(scope="session")
 def shim_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if nvml_shim.compiler() is None:
-        pytest.skip("no C compiler (cc, gcc or clang) to build the fake libnvidia-ml.so.1")
-    return nvml_shim.build(tmp_path_factory.getbasetemp() / "nvml-shim")
+    return _build(tmp_path_factory, legacy=False)
+
+
+@pytest.fixture(scope="session")
+def legacy_shim_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shim as a pre-R510 driver's library: ..._v2 but no ..._v3."""
+    return _build(tmp_path_factory, legacy=True)
+
+
+class _Library(ctypes.CDLL):
+    """A CDLL noting each symbol lookup that reaches the library.
+
+    ctypes caches a symbol it found, so a found one is looked up once; a missing
+    one (pynvml: NVMLError_FunctionNotFound) is looked up on every attempt. The
+    shim's trace cannot show those: a call to a missing symbol never reaches it.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.lookups: list[str] = []
+        super().__init__(path)
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("__"):
+            self.lookups.append(name)
+        return super().__getattr__(name)
 
 
 @dataclass
@@ -62,6 +93,7 @@ class Shim:
     lib: Path
     config: Path
     trace: Path
+    loaded: _Library
 
     def set(self, scenario: dict[str, Any] | str) -> None:
         nvml_shim.write_config(self.config, scenario)
@@ -70,12 +102,11 @@ class Shim:
         return self.trace.read_text().split() if self.trace.exists() else []
 
 
-@pytest.fixture
-def shim(shim_lib: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Shim:
-    """The real pynvml in this process, its library being the shim."""
-    lib = ctypes.CDLL(str(shim_lib))  # the same handle every time: reset its state
+def _install(lib_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Shim:
+    """The real pynvml in this process, its library being the shim at `lib_path`."""
+    lib = _Library(str(lib_path))  # the same loaded library every time: reset its state
     lib.aitbcFakeNvmlReset()
-    s = Shim(shim_lib, tmp_path / "nvml.conf", tmp_path / "nvml.trace")
+    s = Shim(lib_path, tmp_path / "nvml.conf", tmp_path / "nvml.trace", lib)
     monkeypatch.setenv(nvml_shim.CONFIG_ENV, str(s.config))
     monkeypatch.setenv(nvml_shim.TRACE_ENV, str(s.trace))
     # What pynvml._LoadNvmlLibrary() stores after CDLL("libnvidia-ml.so.1"); that load
@@ -84,6 +115,18 @@ def shim(shim_lib: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Shi
     monkeypatch.setattr(pynvml, "_nvmlLib_refcount", 0)
     monkeypatch.setattr(pynvml, "_nvmlGetFunctionPointer_cache", {})
     return s
+
+
+@pytest.fixture
+def shim(shim_lib: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Shim:
+    """The real pynvml in this process over an R510+ driver's library."""
+    return _install(shim_lib, tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def legacy_shim(legacy_shim_lib: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Shim:
+    """The real pynvml in this process over a pre-R510 (R470) driver's library."""
+    return _install(legacy_shim_lib, tmp_path, monkeypatch)
 
 
 def uuids(scenario: dict[str, Any]) -> list[str]:
@@ -237,9 +280,10 @@ def test_nvml_calls_go_to_the_versioned_symbols_and_topology_is_asked_once(shim)
         "nvmlDeviceGetCount_v2",
         "nvmlDeviceGetHandleByIndex_v2",
         "nvmlDeviceGetPciInfo_v3",
-        "nvmlDeviceGetComputeRunningProcesses_v3",
+        V3,
         "nvmlDeviceGetMemoryInfo",
     } <= set(first)
+    assert V2 not in first and V2 not in shim.loaded.lookups  # the driver has _v3: no fallback
     assert first.count("nvmlDeviceGetTopologyCommonAncestor") == 6  # 4 GPUs: 6 pairs
     inv.snapshot()
     again = shim.calls()[len(first) :]
@@ -388,6 +432,111 @@ def test_lost_gpu_is_marked_unavailable_and_comes_back_without_raising(shim):
     assert [g.vram_free_mb for g in after] == [g.vram_free_mb for g in before]
 
 
+# -- a pre-R510 driver (R470): no nvmlDeviceGetComputeRunningProcesses_v3 --------------------
+
+
+class _Log:
+    """Stands in for aitbc_miner.gpu's structlog logger: records (event, fields)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def _record(self, event: str, **kw: Any) -> None:
+        self.events.append((event, kw))
+
+    debug = info = warning = error = _record
+
+
+def r470(scenario: dict[str, Any]) -> dict[str, Any]:
+    scenario.update(driver="470.256.02", cuda=11040)
+    return scenario
+
+
+def test_pre_r510_driver_lists_gpus_and_foreign_processes_through_v2(legacy_shim, monkeypatch):
+    scenario = r470(fake_nvml.busy_foreign(pid=4242, used_mb=20000))
+    scenario["gpus"][0]["processes"].append({"pid": 4243, "used_mb": 512, "sticky": True})
+    scenario["gpus"][1]["processes"] = [{"pid": 5151, "used_mb": None, "sticky": True}]
+    legacy_shim.set(scenario)
+    pynvml.nvmlInit()
+    try:  # what pynvml's unversioned call does on such a driver
+        with pytest.raises(pynvml.NVMLLibraryMismatchError):
+            pynvml.nvmlDeviceGetComputeRunningProcesses(pynvml.nvmlDeviceGetHandleByIndex(0))
+    finally:
+        pynvml.nvmlShutdown()
+    legacy_shim.loaded.lookups.clear()
+
+    log = _Log()
+    monkeypatch.setattr(gpu, "log", log)
+    inv = GpuInventory()
+    g0, g1 = inv.snapshot()
+    assert g0.available and g1.available and g0.reason == g1.reason == ""
+    assert (g0.driver, g0.cuda) == ("470.256.02", "11.4")
+    assert g0.processes == (GpuProcess(4242, 20000), GpuProcess(4243, 512))
+    assert (g0.vram_free_mb, g0.vram_used_mb) == (24576 - 20512, 20512)
+    assert g1.processes == (GpuProcess(5151, 0),)  # NVML_VALUE_NOT_AVAILABLE
+    u = uuids(scenario)
+    assert inv.compute_processes(u[0]) == [GpuProcess(4242, 20000), GpuProcess(4243, 512)]
+    assert inv.compute_processes(u[1]) == [GpuProcess(5151, 0)]
+    assert inv.compute_processes("GPU-nope") is None  # NVMLError_NotFound, as before
+    assert all(g.available for g in inv.snapshot())
+
+    # _v3 was looked for once, not per device or per heartbeat; _v2 did the listing.
+    assert legacy_shim.loaded.lookups.count(V3) == 1
+    calls = legacy_shim.calls()
+    assert V3 not in calls and calls.count(V2) >= 6  # 2 snapshots x 2 GPUs + 2 sweeps
+    legacy = [kw for event, kw in log.events if event == "gpu_processes_legacy_call"]
+    assert legacy == [
+        {"call": V2, "missing": V3, "error": "NVMLLibraryMismatchError"},
+    ]
+    assert not [event for event, _ in log.events if event == "gpu_marked_unavailable"]
+    # as the Python fake (which knows no unavailable usedGpuMemory) reads GPU 0
+    assert g0 == GpuInventory(FakeNvml(scenario)).snapshot()[0]
+
+
+def test_pre_r510_driver_keeps_the_mig_rule_and_real_errors(legacy_shim):
+    scenario = r470(
+        {
+            "gpus": [
+                fake_nvml.gpu(0, 81920, 0, name="NVIDIA A100-SXM4-80GB", mig=True),
+                fake_nvml.gpu(1, 24576, 0, name="NVIDIA GeForce RTX 3090"),
+            ]
+        }
+    )
+    for spec in scenario["gpus"]:
+        spec["processes_error"] = "no_permission"  # _v2 itself answers NoPermission
+    legacy_shim.set(scenario)
+    inv = GpuInventory()
+    g0, g1 = inv.snapshot()
+    assert g0.available and g0.mig and g0.processes == ()  # MIG: unknown, not a failure
+    assert not g1.available  # off MIG a listing failure is the device's, as with _v3
+    assert g1.reason == "NVMLError_NoPermission: Insufficient Permissions"
+    assert inv.compute_processes(g1.uuid) is None
+
+    scenario["gpus"][1].pop("processes_error")
+    legacy_shim.set(scenario)
+    assert inv.snapshot()[1].available
+    assert legacy_shim.loaded.lookups.count(V3) == 1
+
+
+async def test_sweep_on_a_pre_r510_driver_kills_the_jobs_process(legacy_shim, spawn):
+    ours, stranger = spawn("job-1"), spawn("job-2")
+    scenario = r470(fake_nvml.one_gpu())
+    scenario["gpus"][0]["processes"] = [
+        {"pid": ours.pid, "used_mb": 700},
+        {"pid": stranger.pid, "used_mb": 300},
+    ]
+    legacy_shim.set(scenario)
+    inv = GpuInventory()
+    uuid = uuids(scenario)[0]
+    # The sweep's own listing (compute_processes) is the first to meet the missing _v3.
+    report = await sweep(inv, [uuid], JobMark("job-1", 1), grace_s=10, poll_s=0.05)
+    assert report.killed == [(uuid, ours.pid, "env")] and report.quarantined == []
+    assert ours.wait(timeout=5) == -9 and stranger.poll() is None
+    (g,) = inv.snapshot()
+    assert g.available and g.processes == (GpuProcess(stranger.pid, 300),)
+    assert legacy_shim.loaded.lookups.count(V3) == 1
+
+
 # -- the post-job sweep ----------------------------------------------------------------------
 
 
@@ -488,6 +637,15 @@ def test_probe_command_loads_the_library_by_soname(shim_lib, tmp_path):
 
     desc = run_probe(shim_lib, tmp_path, {"init_error": "driver_not_loaded", "gpus": []})
     assert desc["gpu"] == [] and "cuda" not in desc["tags"] and desc["slots"]["gpu"] == 0
+
+
+def test_probe_on_a_pre_r510_driver_lists_its_gpus(legacy_shim_lib, tmp_path):
+    scenario = r470(mixed())
+    scenario["gpus"][0]["processes"] = [{"pid": 4242, "used_mb": 2048, "sticky": True}]
+    desc = run_probe(legacy_shim_lib, tmp_path, scenario)
+    assert [g["uuid"] for g in desc["gpu"]] == uuids(scenario)
+    assert desc["gpu"][0]["cuda"] == {"version": "11.4", "driver": "470.256.02"}
+    assert "cuda" in desc["tags"] and desc["slots"]["gpu"] >= 1
 
 
 def test_miner_runs_a_gpu_job_on_the_shims_gpu_and_follows_it_failing(

@@ -394,6 +394,14 @@ class FakeNvml:
     def nvmlDeviceGetComputeRunningProcesses(self, handle: Handle) -> list[ProcessInfo]:
         return self._processes(self._device("nvmlDeviceGetComputeRunningProcesses", handle))
 
+    def nvmlDeviceGetComputeRunningProcesses_v2(self, handle: Handle) -> list[ProcessInfo]:
+        """The listing of drivers before R510 (gpu.py's fallback); the same entries here.
+
+        The unversioned call above never fails for a missing symbol, so the inventory
+        only calls this one if a test does; tests/support/nvml_shim plays such a driver.
+        """
+        return self._processes(self._device("nvmlDeviceGetComputeRunningProcesses_v2", handle))
+
     def nvmlDeviceGetTopologyCommonAncestor(self, a: Handle, b: Handle) -> int:
         scenario = self._record("nvmlDeviceGetTopologyCommonAncestor")
         self._device("nvmlDeviceGetTopologyCommonAncestor", a)

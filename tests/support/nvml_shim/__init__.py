@@ -6,7 +6,8 @@ pynvml's ctypes bindings (symbol names, versioned structs, error classes,
 bytes/str decoding) run too. The inventory is a line-based file named by
 $AITBC_FAKE_NVML_CONFIG (format: the comment at the top of fake_nvml.c);
 `config_text` writes one from a `fake_nvml` scenario dict, so both fakes can
-play the same scenarios.
+play the same scenarios. `build(..., legacy=True)` gives a pre-R510 driver's
+library (no nvmlDeviceGetComputeRunningProcesses_v3, only ..._v2).
 
 pynvml loads the library with `CDLL("libnvidia-ml.so.1")`: a subprocess finds
 the shim through `LD_LIBRARY_PATH=<shim dir>` (`env`). In-process tests give
@@ -46,12 +47,19 @@ def compiler() -> str | None:
     return None
 
 
-def build(out_dir: Path) -> Path:
-    """Compile the shim (once per source) into out_dir/<hash>/libnvidia-ml.so.1."""
+def build(out_dir: Path, *, legacy: bool = False) -> Path:
+    """Compile the shim (once per source and variant) into out_dir/<hash>/libnvidia-ml.so.1.
+
+    `legacy`: the pre-R510 variant (-DAITBC_NO_V3), which exports
+    nvmlDeviceGetComputeRunningProcesses_v2 but not ..._v3, as an R470 driver does;
+    the default one exports both, as R510 and later do.
+    """
     cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) to build the fake NVML")
     flags = ["-shared", "-fPIC", "-O2", "-pthread", "-Wall"]
+    if legacy:
+        flags.append("-DAITBC_NO_V3")
     key = hashlib.sha256(SOURCE.read_bytes() + "\0".join(flags).encode()).hexdigest()[:16]
     lib = out_dir / key / LIBNAME
     if not lib.exists():

@@ -8,7 +8,18 @@
  * layouts, return codes and the string buffers all go through ctypes for real.
  * Build (tests/support/nvml_shim/__init__.py does this):
  *
- *     cc -shared -fPIC -O2 -pthread -o DIR/libnvidia-ml.so.1 fake_nvml.c
+ *     cc -shared -fPIC -O2 -pthread [-DAITBC_NO_V3] -o DIR/libnvidia-ml.so.1 fake_nvml.c
+ *
+ * Two variants (nvml_shim.build(..., legacy=True) builds the second), like two driver
+ * generations:
+ *
+ *   default           an R510+ driver: exports nvmlDeviceGetComputeRunningProcesses_v3
+ *                     (what pynvml's unversioned call uses) and, as those drivers
+ *                     still do, ..._v2.
+ *   -DAITBC_NO_V3     a pre-R510 driver such as R470: ..._v2 only, no ..._v3, so
+ *                     pynvml.nvmlDeviceGetComputeRunningProcesses raises
+ *                     NVMLLibraryMismatchError (NVMLError_FunctionNotFound inside)
+ *                     and only pynvml.nvmlDeviceGetComputeRunningProcesses_v2 works.
  *
  * It implements only the symbols pynvml calls on behalf of aitbc_miner/gpu.py:
  *
@@ -25,7 +36,9 @@
  *     nvmlDeviceGetTemperature
  *     nvmlDeviceGetMigMode
  *     nvmlDeviceGetNumaNodeId
- *     nvmlDeviceGetComputeRunningProcesses_v3   (pynvml.nvmlDeviceGetComputeRunningProcesses)
+ *     nvmlDeviceGetComputeRunningProcesses_v3   (pynvml.nvmlDeviceGetComputeRunningProcesses;
+ *                                               not in the -DAITBC_NO_V3 variant)
+ *     nvmlDeviceGetComputeRunningProcesses_v2   (pynvml.nvmlDeviceGetComputeRunningProcesses_v2)
  *     nvmlDeviceGetTopologyCommonAncestor
  *
  * Any other symbol is missing on purpose: pynvml then raises
@@ -66,14 +79,15 @@
  *                                    left out or none: NOT_SUPPORTED (no MIG)
  *     error GPU_IS_LOST              every call on the device fails, handle lookups too
  *     query_error GPU_IS_LOST        handle lookups work, every other device call fails
- *     processes_error NO_PERMISSION  only the compute process listing fails (as on a
- *                                    MIG-mode GPU for an unprivileged caller)
+ *     processes_error NO_PERMISSION  only the compute process listing (_v3 and _v2) fails
+ *                                    (as on a MIG-mode GPU for an unprivileged caller)
  *     process 4242 20000             compute process: pid, used MiB ("na": not available)
  *     process_live 4243 700          the same, listed only while the pid is alive
  *                                    (a zombie is gone: a driver frees memory at exit)
  */
 
 #include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -125,18 +139,22 @@ typedef struct {
     char busId[32];
 } nvmlPciInfo_t;
 
-/* pynvml: c_nvmlProcessInfo_v3_t (== c_nvmlProcessInfo_v2_t); 4 bytes of padding after pid */
+/* pynvml: c_nvmlProcessInfo_v2_t, which c_nvmlProcessInfo_v3_t aliases: the _v2 and
+ * _v3 listings fill the same 24-byte entries. 4 bytes of padding after pid. */
 typedef struct {
     unsigned int pid;
     unsigned long long usedGpuMemory;
     unsigned int gpuInstanceId;
     unsigned int computeInstanceId;
-} nvmlProcessInfo_t;
+} nvmlProcessInfo_v2_t;
+
+typedef nvmlProcessInfo_v2_t nvmlProcessInfo_t;
 
 _Static_assert(sizeof(nvmlMemory_t) == 24, "nvmlMemory_t layout");
 _Static_assert(sizeof(nvmlUtilization_t) == 8, "nvmlUtilization_t layout");
 _Static_assert(sizeof(nvmlPciInfo_t) == 68, "nvmlPciInfo_t layout");
-_Static_assert(sizeof(nvmlProcessInfo_t) == 24, "nvmlProcessInfo_t layout");
+_Static_assert(sizeof(nvmlProcessInfo_v2_t) == 24, "nvmlProcessInfo_v2_t layout");
+_Static_assert(offsetof(nvmlProcessInfo_v2_t, usedGpuMemory) == 8, "nvmlProcessInfo_v2_t layout");
 
 /* -- the inventory --------------------------------------------------------------- */
 
@@ -164,7 +182,7 @@ struct fake_gpu {
     unsigned int mig_current, mig_pending;
     nvmlReturn_t error;       /* every device call, handle lookups included */
     nvmlReturn_t query_error; /* every device call except handle lookups */
-    nvmlReturn_t processes_error; /* nvmlDeviceGetComputeRunningProcesses_v3 only */
+    nvmlReturn_t processes_error; /* nvmlDeviceGetComputeRunningProcesses_v3/_v2 only */
     int nprocs;
     struct fake_process procs[MAX_PROCS];
 };
@@ -773,15 +791,16 @@ nvmlReturn_t nvmlDeviceGetNumaNodeId(nvmlDevice_t handle, int *node)
     return leave(rc);
 }
 
-/* NVML's two-call protocol: with too small a buffer (or none), set *infoCount to the
- * number needed and answer INSUFFICIENT_SIZE, or SUCCESS when there is nothing to list. */
-nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t handle, unsigned int *infoCount,
-                                                     nvmlProcessInfo_t *infos)
+/* Both listings; fn: the symbol called, for the trace. NVML's two-call protocol: with
+ * too small a buffer (or none), set *infoCount to the number needed and answer
+ * INSUFFICIENT_SIZE, or SUCCESS when there is nothing to list. */
+static nvmlReturn_t running_processes(const char *fn, nvmlDevice_t handle,
+                                      unsigned int *infoCount, nvmlProcessInfo_v2_t *infos)
 {
     struct fake_process procs[MAX_PROCS];
     struct fake_gpu *g;
     unsigned int n = 0;
-    nvmlReturn_t rc = enter(__func__);
+    nvmlReturn_t rc = enter(fn);
     if (rc == NVML_SUCCESS)
         rc = device(handle, 1, &g);
     if (rc == NVML_SUCCESS)
@@ -805,6 +824,21 @@ nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t handle, unsign
         *infoCount = n;
     }
     return leave(rc);
+}
+
+#ifndef AITBC_NO_V3
+nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t handle, unsigned int *infoCount,
+                                                     nvmlProcessInfo_t *infos)
+{
+    return running_processes(__func__, handle, infoCount, infos);
+}
+#endif
+
+/* R470 and later (the only listing a pre-R510 driver has that pynvml can call). */
+nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v2(nvmlDevice_t handle, unsigned int *infoCount,
+                                                     nvmlProcessInfo_v2_t *infos)
+{
+    return running_processes(__func__, handle, infoCount, infos);
 }
 
 nvmlReturn_t nvmlDeviceGetTopologyCommonAncestor(nvmlDevice_t device1, nvmlDevice_t device2,
