@@ -52,6 +52,7 @@ from .runners import python as py_runner
 from .sandbox.cgroups import detect
 from .sandbox.limits import LimitPolicy
 from .sandbox.spawner import ForkServer
+from .sandbox.warm import WarmPool
 from .security import SignatureVerifier
 
 log = structlog.get_logger(__name__)
@@ -81,6 +82,7 @@ class Agent:
         self.gpu_in_use: dict[str, int] = {}  # uuid -> jobs placed on it
         self.sandbox = detect(cfg.resources.cgroup)  # raises CgroupUnavailable when required
         self.forkserver = ForkServer()
+        self.warm: WarmPool | None = None
         self.disk_low = False
         self._early_signals = early_signals if early_signals is not None else []
         self._inflight_pull: tuple[trio.CancelScope, dict[str, Any]] | None = None
@@ -253,6 +255,15 @@ class Agent:
                     )
                     await self.forkserver.open()
                     self._log_sandbox()
+                    if self.sandbox.active:
+                        slots = self.cfg.resources.max_concurrent_cpu + self.gpu_capacity
+                        self.warm = WarmPool(
+                            self.sandbox,
+                            self.forkserver,
+                            netns=self.forkserver.netns == "ok",
+                            size=2 if slots > 1 else 1,
+                        )
+                        root.start_soon(self.warm.run)
                     task_status.started()
                     if systemd.available():
                         root.start_soon(watchdog.watchdog_loop, self.watchdog_progress)
@@ -298,9 +309,10 @@ class Agent:
         if self.sandbox.active and not self.sandbox.favordynmods:
             log.info(
                 "cgroup_moves_slow",
-                detail="each job start waits ~10-20 ms for the kernel to move it into its "
-                "cgroup; mount cgroup2 with favordynmods (or boot with "
-                "cgroup_favordynmods=true) to make that ~0.3 ms",
+                detail="moving a process into a cgroup waits ~10-20 ms for the kernel here; "
+                "job starts are prepared ahead so jobs do not wait, except cold starts "
+                "(network: true jobs, more jobs at once than spares). Mount cgroup2 with "
+                "favordynmods (or boot with cgroup_favordynmods=true) to make it ~0.3 ms",
             )
         if self.forkserver.netns != "ok":
             log.warning(
@@ -326,6 +338,7 @@ class Agent:
             downloads=downloads,
             choose_gpus=self._choose_gpus,
             spawner=self.forkserver,
+            warm=self.warm,
             sandbox=self.sandbox,
             limit_policy=LimitPolicy(
                 cpu_nice=self.cfg.resources.cpu_nice,

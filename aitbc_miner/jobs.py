@@ -45,6 +45,7 @@ from .runners.base import DEFAULT_PATH, Ending, ProcessResult, Spawn, run_proces
 from .sandbox.cgroups import CgroupSupport, JobCgroup, limit_files
 from .sandbox.limits import LimitPolicy, landlock_rules, process_limits
 from .sandbox.spawner import Spawner
+from .sandbox.warm import Warm, WarmPool
 from .security import SignatureVerifier
 from .upload import deliver_result
 from .workspace import MIB, Workspace
@@ -98,6 +99,7 @@ class JobContext:
     choose_gpus: Callable[[Manifest], tuple[GpuInfo, ...]] | None = None
     cache: ModelCache | None = None  # inputs marked "cache": true (cache.py)
     spawner: Spawner | None = None  # the fork server (limits); None = plain spawn (tests)
+    warm: WarmPool | None = None  # job starts prepared ahead (cgroups joined, netns entered)
     sandbox: CgroupSupport = field(default_factory=CgroupSupport)
     limit_policy: LimitPolicy = field(default_factory=LimitPolicy)
     netns: bool = False  # private network namespaces work here (else jobs keep the network)
@@ -144,6 +146,7 @@ class JobRun:
         self.runner = str(raw.get("runner", "?"))[:16]
         self._progress: tuple[int, str] | None = None
         self.cgroup: JobCgroup | None = None
+        self.warm: Warm | None = None  # the prepared start this job took, if any
         self._progress_wakeup = trio.Event()
 
     # -- entry point ------------------------------------------------------------------
@@ -262,8 +265,11 @@ class JobRun:
         try:
             result = await self._execute(plan)
         finally:
-            if self.cgroup is not None:
-                await trio.to_thread.run_sync(self.cgroup.remove)
+            with trio.CancelScope(shield=True):
+                if self.warm is not None and self.ctx.warm is not None:
+                    await self.ctx.warm.forget(self.warm)  # its stem, if the job never used it
+                if self.cgroup is not None:
+                    await trio.to_thread.run_sync(self.cgroup.remove)
         self.marks["ran"] = time.monotonic()
         self._check_exit(result, plan)
         return await self._upload(manifest)
@@ -367,6 +373,8 @@ class JobRun:
         self.state = self.state.evolve(started_at=utcnow()) if self.state else None
 
         async def started(pgid: int) -> None:
+            warm = self.warm is not None and self.warm.stem == pgid  # the stem became the job
+            self.ctx.metrics.job_starts.labels(start="warm" if warm else "cold").inc()
             assert self.state is not None
             self.state = self.state.evolve(pgid=pgid)
             if self.cgroup is None:  # a recorded cgroup already finds every process
@@ -396,7 +404,8 @@ class JobRun:
                                     network=plan.network or not self.ctx.netns,
                                     cgroup_procs=self.cgroup.procs_files if self.cgroup else [],
                                 )
-                                | self._landlock(plan),
+                                | self._landlock(plan)
+                                | ({"stem": self.warm.stem} if self.warm else {}),
                             ),
                             cancel=self.handle.cancel_event,
                             spawner=self.ctx.spawner,
@@ -614,9 +623,15 @@ class JobRun:
         assert self.state is not None
         files = limit_files(plan.mem_mb, plan.cpu_threads, self.ctx.cfg.resources.max_pids)
         try:
-            self.cgroup = await trio.to_thread.run_sync(
-                JobCgroup.create, support, self.handle.job_id, self.handle.attempt, files
-            )
+            if self.ctx.warm is not None:
+                netns = self.ctx.netns and not plan.network  # as process_limits decides
+                self.warm = await self.ctx.warm.take(files, netns=netns)
+            if self.warm is not None:
+                self.cgroup = self.warm.cgroup
+            else:
+                self.cgroup = await trio.to_thread.run_sync(
+                    JobCgroup.create, support, self.handle.job_id, self.handle.attempt, files
+                )
         except OSError as exc:
             raise JobFailure(ErrorCode.CRASH, f"could not create the job's cgroup: {exc}") from None
         self.state = self.state.evolve(cgroup=self.cgroup.primary)

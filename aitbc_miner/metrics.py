@@ -40,6 +40,13 @@ class Metrics:
             registry=r,
         )
         self.running = Gauge("aitbc_miner_jobs_running", "Jobs currently executing.", registry=r)
+        self.job_starts = Counter(
+            "aitbc_miner_job_starts",
+            "Job processes started, by kind: warm (cgroups joined and network namespace "
+            "entered ahead of time) or cold (all of it on the job's start path).",
+            ["start"],
+            registry=r,
+        )
         self.queued = Gauge(
             "aitbc_miner_jobs_queued",
             "Jobs acked but not yet running (preparing inputs).",

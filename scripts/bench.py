@@ -551,10 +551,26 @@ class Bench:
             mock.stop()
 
     def _rss(self, miner: Miner) -> dict[str, float]:
-        daemon = psutil.Process(miner.pid).memory_info().rss / MIB
+        """RSS of the daemon, its fork server and the server's stems (prepared job
+        starts; at idle its only children), and their PSS (shared pages counted once)."""
+        daemon = psutil.Process(miner.pid)
         fs = miner.forkserver()
-        server = fs.memory_info().rss / MIB if fs is not None else 0.0
-        return {"daemon": daemon, "forkserver": server, "total": daemon + server}
+        stems = fs.children() if fs is not None else []
+        out = {"daemon": 0.0, "forkserver": 0.0, "stems": 0.0, "pss": 0.0}
+        for key, procs in (
+            ("daemon", [daemon]),
+            ("forkserver", [fs] if fs else []),
+            ("stems", stems),
+        ):
+            for proc in procs:
+                try:
+                    info = proc.memory_full_info()
+                except psutil.Error:
+                    continue
+                out[key] += info.rss / MIB
+                out["pss"] += info.pss / MIB
+        out["total"] = out["daemon"] + out["forkserver"] + out["stems"]
+        return out
 
     def idle(self, miner: Miner, fresh: dict[str, float]) -> None:
         a = self.args
@@ -563,6 +579,7 @@ class Bench:
         daemon = psutil.Process(miner.pid)
         fs = miner.forkserver()
         procs = [p for p in (daemon, fs) if p is not None]
+        procs += fs.children() if fs is not None else []  # the stems (spare job starts)
 
         def cpu() -> float:
             total = 0.0
@@ -584,14 +601,18 @@ class Bench:
             cpu_pcts.append((cpu() - c0) / (time.monotonic() - w0) * 100)
         self.results["idle_rss_daemon_mib"] = summary(s["daemon"] for s in samples)
         self.results["idle_rss_forkserver_mib"] = summary(s["forkserver"] for s in samples)
+        self.results["idle_rss_stems_mib"] = summary(s["stems"] for s in samples)
         self.results["idle_rss_total_mib"] = summary(s["total"] for s in samples)
+        self.results["idle_pss_total_mib"] = summary(s["pss"] for s in samples)
         # The kernel counts CPU time in 10 ms ticks: the whole window is the figure,
         # its 15 s windows (one heartbeat each) give the spread.
         overall = (cpu() - cpu_start) / (time.monotonic() - wall_start) * 100
         self.results["idle_cpu_pct"] = {**summary(cpu_pcts), "median": overall}
-        for k in self.results["idle_rss_daemon_mib"], self.results["idle_rss_forkserver_mib"]:
+        for name in ("daemon", "forkserver", "stems"):
+            k = self.results[f"idle_rss_{name}_mib"]
             k["runs"] = [*k["runs"][:5], "..."] if len(k["runs"]) > 5 else k["runs"]
         self.results["idle_rss_total_mib"]["runs"] = []
+        self.results["idle_pss_total_mib"]["runs"] = []
         self.details["idle"] = {
             "window_s": a.idle_s,
             "cpu_windows": len(cpu_pcts),
@@ -1099,8 +1120,11 @@ FEATURES: dict[str, set[str]] = {
     "fs+rlimits+netns": {"rlimits", "netns"},
     "fs+landlock": {"landlock"},
     "fs+rlimits+cgroup": {"rlimits", "cgroup"},
-    "full": {"rlimits", "netns", "landlock", "cgroup"},
+    "full-cold": {"rlimits", "netns", "landlock", "cgroup"},
+    # What jobs.py does: take a warm start (cgroups joined, netns entered ahead of time).
+    "full": {"rlimits", "netns", "landlock", "cgroup", "warm"},
 }
+HEADLINE = ("direct", "forkserver", "full", "full-cold")
 
 
 async def sandbox_bench(tmp: Path, n: int, rounds: int) -> dict[str, Any]:
@@ -1116,6 +1140,7 @@ async def sandbox_bench(tmp: Path, n: int, rounds: int) -> dict[str, Any]:
     from aitbc_miner.sandbox.cgroups import JobCgroup, detect, limit_files
     from aitbc_miner.sandbox.limits import LimitPolicy, landlock_rules, process_limits
     from aitbc_miner.sandbox.spawner import DirectSpawner, ForkServer
+    from aitbc_miner.sandbox.warm import WarmPool
 
     job = tmp / "job"
     for sub in ("input", "work", "output", "logs"):
@@ -1127,6 +1152,8 @@ async def sandbox_bench(tmp: Path, n: int, rounds: int) -> dict[str, Any]:
     netns = server.netns == "ok"
     landlock = server.landlock_abi > 0
     direct = DirectSpawner()
+    pool = WarmPool(support, server, netns=netns) if support.active else None
+    warm_used = {"warm": 0, "cold": 0}
 
     def spawn(limits: dict[str, Any]) -> Spawn:
         return Spawn(
@@ -1139,18 +1166,32 @@ async def sandbox_bench(tmp: Path, n: int, rounds: int) -> dict[str, Any]:
             limits=limits,
         )
 
-    async def one(kind: str) -> float:
-        """Wall time of run_process(/bin/true), plus the cgroup create/remove jobs.py does."""
+    async def one(kind: str) -> tuple[float, float]:
+        """(start, cycle) of run_process(/bin/true), with the cgroup work jobs.py does.
+
+        start: until the job's program is exec'd (both spawners return only then),
+        its cgroup made or taken first. cycle: until it is reaped and its group removed.
+        """
         feats = FEATURES[kind]
+        started: list[float] = []
+
+        async def on_started(_pgid: int) -> None:
+            started.append(time.perf_counter())
+
         t0 = time.perf_counter()
         if kind == "direct":
-            r = await run_process(spawn({}), cancel=trio.Event(), spawner=direct)
+            r = await run_process(
+                spawn({}), cancel=trio.Event(), spawner=direct, on_started=on_started
+            )
         else:
-            cg = None
-            if "cgroup" in feats and support.active:
-                cg = await trio.to_thread.run_sync(
-                    JobCgroup.create, support, "bench", 1, limit_files(2048, None, 512)
-                )
+            cg = warm = None
+            files = limit_files(2048, None, 512)
+            if "warm" in feats and pool is not None:
+                warm = await pool.take(files, netns=netns and "netns" in feats)
+                warm_used["warm" if warm else "cold"] += 1
+                cg = warm.cgroup if warm else None
+            if cg is None and "cgroup" in feats and support.active:
+                cg = await trio.to_thread.run_sync(JobCgroup.create, support, "bench", 1, files)
             limits: dict[str, Any] = {}
             if "rlimits" in feats:
                 limits = process_limits(
@@ -1163,51 +1204,58 @@ async def sandbox_bench(tmp: Path, n: int, rounds: int) -> dict[str, Any]:
                 )
             if landlock and "landlock" in feats:
                 limits["landlock"] = landlock_rules(str(job), ["/bin"])
-            r = await run_process(spawn(limits), cancel=trio.Event(), spawner=server, cgroup=cg)
+            if warm is not None:
+                limits["stem"] = warm.stem
+            r = await run_process(
+                spawn(limits), cancel=trio.Event(), spawner=server, cgroup=cg, on_started=on_started
+            )
+            if warm is not None and pool is not None:
+                await pool.forget(warm)
             if cg is not None:
                 await trio.to_thread.run_sync(cg.remove)
         if r.exit_code != 0:
             raise RuntimeError(f"{kind}: /bin/true ended {r}")
-        return (time.perf_counter() - t0) * 1000
+        return (started[0] - t0) * 1000, (time.perf_counter() - t0) * 1000
 
     out: dict[str, list[float]] = {kind: [] for kind in FEATURES}
+    cycle: dict[str, list[float]] = {kind: [] for kind in FEATURES}
     try:
-        for kind in out:  # warm-up
-            for _ in range(5):
-                await one(kind)
-        spaced: dict[str, list[float]] = {"direct": [], "full": []}
-        for _ in range(rounds):
-            for kind in out:
-                n_kind = n if kind in ("direct", "forkserver", "full") else max(20, n // 4)
-                out[kind].append(statistics.median([await one(kind) for _ in range(n_kind)]))
-            # Jobs of a real miner start tens of ms apart, not back to back: a cgroup
-            # migration then pays for an RCU grace period (cgroup_threadgroup_rwsem).
-            for kind in spaced:
-                times = []
-                for _ in range(max(10, n // 8)):
-                    await trio.sleep(SPACING_S)
-                    times.append(await one(kind))
-                spaced[kind].append(statistics.median(times))
+        async with trio.open_nursery() as nursery:
+            if pool is not None:
+                await nursery.start(pool.run)
+            spaced = await sandbox_rounds(one, out, cycle, n, rounds)
+            nursery.cancel_scope.cancel()
     finally:
         await server.aclose()
     direct_ms = statistics.median(out["direct"])
     parts = {
         kind: round(statistics.median(v) - direct_ms, 2)
         for kind, v in out.items()
-        if kind not in ("direct", "full", "forkserver")
+        if kind not in HEADLINE
     }
     return {
         "sandbox_direct_ms": out["direct"],
         "sandbox_forkserver_ms": out["forkserver"],
         "sandbox_full_ms": out["full"],
+        "sandbox_cold_ms": out["full-cold"],
         "sandbox_added_ms": [f - d for f, d in zip(out["full"], out["direct"], strict=True)],
         "sandbox_spaced_direct_ms": spaced["direct"],
         "sandbox_spaced_full_ms": spaced["full"],
+        "sandbox_spaced_cold_ms": spaced["full-cold"],
         "sandbox_spaced_added_ms": [
             f - d for f, d in zip(spaced["full"], spaced["direct"], strict=True)
         ],
+        "sandbox_spaced_cold_added_ms": [
+            f - d for f, d in zip(spaced["full-cold"], spaced["direct"], strict=True)
+        ],
+        "sandbox_cycle_direct_ms": cycle["direct"],
+        "sandbox_cycle_full_ms": cycle["full"],
+        "sandbox_cycle_added_ms": [
+            f - d for f, d in zip(cycle["full"], cycle["direct"], strict=True)
+        ],
         "_spacing_s": SPACING_S,
         "_added_ms_by_feature_vs_direct": parts,
+        "_warm_starts": warm_used,
         "_runs_per_round": n,
         "_rounds": rounds,
         "_full_limits": {
@@ -1217,6 +1265,34 @@ async def sandbox_bench(tmp: Path, n: int, rounds: int) -> dict[str, Any]:
             "rlimits+nice+ionice+no_new_privs": True,
         },
     }
+
+
+async def sandbox_rounds(
+    one: Any, out: dict[str, list[float]], cycle: dict[str, list[float]], n: int, rounds: int
+) -> dict[str, list[float]]:
+    """Back-to-back medians into `out` (start) and `cycle`; returns the start medians
+    of runs SPACING_S apart."""
+    import trio
+
+    for kind in out:  # warm-up
+        for _ in range(5):
+            await one(kind)
+    spaced: dict[str, list[float]] = {"direct": [], "full": [], "full-cold": []}
+    for _ in range(rounds):
+        for kind in out:
+            n_kind = n if kind in HEADLINE else max(20, n // 4)
+            runs = [await one(kind) for _ in range(n_kind)]
+            out[kind].append(statistics.median(r[0] for r in runs))
+            cycle[kind].append(statistics.median(r[1] for r in runs))
+        # Jobs of a real miner start tens of ms apart, not back to back: a cgroup
+        # migration then pays for an RCU grace period (cgroup_threadgroup_rwsem).
+        for kind in spaced:
+            times = []
+            for _ in range(max(10, n // 8)):
+                await trio.sleep(SPACING_S)
+                times.append((await one(kind))[0])
+            spaced[kind].append(statistics.median(times))
+    return spaced
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -1231,7 +1307,9 @@ ROWS = [
     ("ratio_ours_naive", "ratio ours / naive", "x", "report", None),
     ("idle_rss_daemon_mib", "idle RSS daemon", "MiB", "-", None),
     ("idle_rss_forkserver_mib", "idle RSS fork server", "MiB", "-", None),
+    ("idle_rss_stems_mib", "idle RSS spare starts (stems)", "MiB", "-", None),
     ("idle_rss_total_mib", "idle RSS total", "MiB", "<= 45", lambda v: v <= 45),
+    ("idle_pss_total_mib", "idle PSS total (shared pages once)", "MiB", "-", None),
     ("idle_cpu_pct", "idle CPU, whole window [15 s windows]", "%", "<= 0.2", lambda v: v <= 0.2),
     ("upload_chunked_miner_mib_s", "upload {size} chunked: miner", "MiB/s", "-", None),
     ("upload_chunked_curl_mib_s", "upload {size} chunked: curl", "MiB/s", "-", None),
@@ -1257,10 +1335,19 @@ ROWS = [
     ("recovery_reported_s", "recovery: restart -> all 4 reported", "s", "<= 2", lambda v: v <= 2),
     ("sandbox_direct_ms", "job start: plain Popen (DirectSpawner)", "ms", "-", None),
     ("sandbox_forkserver_ms", "job start: fork server, no limits", "ms", "-", None),
-    ("sandbox_full_ms", "job start: fork server, full limits", "ms", "-", None),
-    ("sandbox_added_ms", "sandbox overhead (full - plain)", "ms", "<= 5", lambda v: v <= 5),
+    ("sandbox_cold_ms", "job start: full limits, cold fork", "ms", "-", None),
+    ("sandbox_full_ms", "job start: full limits, warm start", "ms", "-", None),
+    ("sandbox_added_ms", "sandbox start overhead (warm - plain)", "ms", "<= 5", lambda v: v <= 5),
     ("sandbox_spaced_direct_ms", "job start 100 ms apart: plain Popen", "ms", "-", None),
-    ("sandbox_spaced_full_ms", "job start 100 ms apart: full limits", "ms", "-", None),
+    ("sandbox_spaced_cold_ms", "job start 100 ms apart: cold fork", "ms", "-", None),
+    ("sandbox_spaced_full_ms", "job start 100 ms apart: warm start", "ms", "-", None),
+    (
+        "sandbox_spaced_cold_added_ms",
+        "sandbox overhead 100 ms apart, cold fork",
+        "ms",
+        "-",
+        None,
+    ),
     (
         "sandbox_spaced_added_ms",
         "sandbox overhead, starts 100 ms apart",
@@ -1268,6 +1355,9 @@ ROWS = [
         "<= 5",
         lambda v: v <= 5,
     ),
+    ("sandbox_cycle_direct_ms", "start to reaped: plain Popen", "ms", "-", None),
+    ("sandbox_cycle_full_ms", "start to reaped + group removed: full", "ms", "-", None),
+    ("sandbox_cycle_added_ms", "sandbox cost per job, whole cycle", "ms", "-", None),
 ]
 
 

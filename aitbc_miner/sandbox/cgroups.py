@@ -197,22 +197,37 @@ class JobCgroup:
     def create(
         cls, support: CgroupSupport, job_id: str, attempt: int, files: dict[str, dict[str, str]]
     ) -> JobCgroup:
-        name = f"{job_id}.a{attempt}.{uuid.uuid4().hex[:8]}"
+        group = cls.make(support, f"{job_id}.a{attempt}.{uuid.uuid4().hex[:8]}")
+        try:
+            group.apply(files)
+        except OSError:
+            group.remove()
+            raise
+        return group
+
+    @classmethod
+    def make(cls, support: CgroupSupport, name: str) -> JobCgroup:
+        """Empty groups named `name` in every hierarchy the daemon may use (no limits yet)."""
         group = cls()
         try:
             if support.v2_base is not None:
                 group.v2 = support.v2_base / name
                 group.v2.mkdir()
-                _write_limits(group.v2, files["v2"])
             for ctrl, base in support.v1_bases.items():
                 path = base / name
                 path.mkdir()
                 group.v1[ctrl] = path
-                _write_limits(path, files.get(ctrl, {}))
         except OSError:
             group.remove()
             raise
         return group
+
+    def apply(self, files: dict[str, dict[str, str]]) -> None:
+        """Write a job's limits (from `limit_files`); processes may already be inside."""
+        if self.v2 is not None:
+            _write_limits(self.v2, files["v2"])
+        for ctrl, path in self.v1.items():
+            _write_limits(path, files.get(ctrl, {}))
 
     @property
     def limits_memory(self) -> bool:

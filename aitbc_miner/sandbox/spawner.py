@@ -97,6 +97,7 @@ class ForkServer:
         self._lock = trio.Lock()
         self.netns = "unavailable"
         self.landlock_abi = 0
+        self._stems: set[int] = set()  # prestarted and not yet used or discarded
 
     async def open(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -141,6 +142,7 @@ class ForkServer:
     async def _call(self, request: dict[str, Any], fds: Sequence[int] = ()) -> dict[str, Any]:
         if self._proc is not None and self._proc.poll() is not None:
             log.error("forkserver_died", exit_code=self._proc.returncode, action="restart")
+            self._stems.clear()  # they died with it
             await self.aclose()
             await self.open()
         if self._sock is None:
@@ -168,11 +170,35 @@ class ForkServer:
         out_fd: int,
         limits: dict[str, Any],
     ) -> int:
+        """Start a job; `limits["stem"]` names a prestarted stem to use (else it forks cold)."""
+        limits = dict(limits)
+        stem = limits.pop("stem", None)
+        if stem in self._stems:  # a stem of an earlier server incarnation is not passed on
+            self._stems.discard(stem)
+            limits["stem"] = stem
         reply = await self._call(
             {"op": "spawn", "argv": list(argv), "env": dict(env), "cwd": cwd, "limits": limits},
             [out_fd],
         )
         return int(reply["pid"])
+
+    async def prestart(self, cgroup_procs: Sequence[str], netns: bool) -> int:
+        """Fork a stem that joins `cgroup_procs` (and a private netns) before any job exists."""
+        reply = await self._call(
+            {"op": "prestart", "cgroup_procs": list(cgroup_procs), "netns": netns}
+        )
+        pid = int(reply["pid"])
+        self._stems.add(pid)
+        return pid
+
+    def unused(self, pid: int) -> bool:
+        return pid in self._stems
+
+    async def discard(self, pid: int) -> None:
+        """Kill and reap a stem that no job used (no-op when a job already did)."""
+        if pid in self._stems:
+            self._stems.discard(pid)
+            await self._call({"op": "discard", "pid": pid})
 
     async def reap(self, pid: int) -> Reaped:
         reply = await self._call({"op": "reap", "pid": pid})

@@ -80,6 +80,26 @@ def test_sandbox_reports_what_it_enforces(sandboxed, mock):
     assert health["sandbox"]["tracking"] == sandbox["tracking"]
 
 
+def test_jobs_start_warm_inside_the_groups_recorded_for_them(sandboxed, mock):
+    """The job's first instruction already runs in its cgroups, prepared ahead of time."""
+    miner, sandbox = sandboxed
+    if sandbox["tracking"] == "process group" and sandbox["memory"].startswith("rlimit"):
+        pytest.skip("no per-job cgroups on this host")
+    job = run(mock, sh("warm-1", "cat /proc/self/cgroup > groups.txt"))
+    assert job["state"] == "succeeded", job["fails"]
+    ws = miner.workspace / "warm-1"
+    groups = (ws / "work" / "groups.txt").read_text()
+    recorded = json.loads((ws / "state.json").read_text())["cgroup"]
+    name = Path(recorded).name
+    assert name.startswith(f"warm-{miner.proc.pid}-"), recorded
+    assert f"/{name}\n" in groups, groups  # the recorded group, where recovery would look
+    import httpx
+
+    metrics = httpx.get(miner.health_url + "/metrics").text
+    assert 'aitbc_miner_job_starts_total{start="warm"} 1.0' in metrics, metrics
+    assert not Path(recorded).exists()  # removed after the job
+
+
 def test_fork_bomb_is_contained(sandboxed, mock):
     miner, _ = sandboxed
     job = run(mock, sh("forkbomb", "b() { b | b & }; b; sleep 60", timeout_s=4), timeout=60)

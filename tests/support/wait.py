@@ -36,3 +36,18 @@ def wait_for(
                 f"timed out after {timeout}s waiting for {what or predicate}"
             ) from last_exc
         time.sleep(interval)
+
+
+async def await_for(
+    predicate: Callable[[], T], *, timeout: float = 10.0, interval: float = 0.01, what: str = ""
+) -> T:
+    """`wait_for` inside a trio test: sleeps with trio, so the loop under test keeps running."""
+    import trio
+
+    with trio.move_on_after(timeout):
+        while True:
+            value = predicate()
+            if value:
+                return value
+            await trio.sleep(interval)
+    raise WaitTimeout(f"timed out after {timeout}s waiting for {what or predicate}")

@@ -1,0 +1,245 @@
+"""Warm starts: fork-server stems that join a spare cgroup (and a private netns) ahead of the job.
+
+Real fork server, real cgroups where this host lets the test user write them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import trio
+
+from aitbc_miner.runners.base import Spawn, run_process
+from aitbc_miner.sandbox.cgroups import CgroupSupport, detect, limit_files
+from aitbc_miner.sandbox.spawner import ForkServer, ForkServerError
+from aitbc_miner.sandbox.warm import PREFIX, WarmPool, remove_stale
+from tests.support.wait import await_for
+
+SCRIPT = (
+    "echo pid=$$; cat /proc/self/cgroup; cat /proc/net/dev; "
+    "for f in /proc/self/fd/*; do echo fd=${f##*/}; done"
+)
+
+
+@pytest.fixture
+def support() -> CgroupSupport:
+    found = detect("auto")
+    if not found.active:
+        pytest.skip(f"no writable cgroup on this host ({found.reason})")
+    return found
+
+
+@pytest.fixture
+async def server():
+    fs = ForkServer()
+    await fs.open()
+    try:
+        yield fs
+    finally:
+        await fs.aclose()
+
+
+@pytest.fixture
+async def pool(support, server, nursery):
+    warm = WarmPool(support, server, netns=server.netns == "ok")
+    await nursery.start(warm.run)
+    assert warm.ready == 1, "the first spare is ready when run() reports started"
+    yield warm
+    await warm.aclose()
+
+
+def proc_cgroups(pid: int) -> str:
+    return Path(f"/proc/{pid}/cgroup").read_text()
+
+
+def stem_joined(pid: int, name: str, hierarchies: int) -> bool:
+    try:
+        return proc_cgroups(pid).count(f"/{name}\n") == hierarchies
+    except FileNotFoundError:
+        return False
+
+
+def hierarchies(support: CgroupSupport) -> int:
+    return (1 if support.v2_base else 0) + len(support.v1_bases)
+
+
+async def run(server: ForkServer, tmp_path: Path, limits: dict, script: str = SCRIPT):
+    log = tmp_path / "exec.log"
+    log.unlink(missing_ok=True)
+    spawn = Spawn(["/bin/sh", "-c", script], tmp_path, {"PATH": "/usr/bin:/bin"}, log, 10)
+    result = await run_process(
+        Spawn(**{**spawn.__dict__, "limits": limits}), cancel=trio.Event(), spawner=server
+    )
+    return result, log.read_text()
+
+
+def interfaces(out: str) -> list[str]:
+    return re.findall(r"^\s*([\w.@-]+):\s+\d", out, re.MULTILINE)
+
+
+def job_limits(warm) -> dict:
+    return {"cgroup_procs": warm.cgroup.procs_files, "netns": warm.netns, "stem": warm.stem}
+
+
+async def test_the_stem_is_in_its_groups_before_the_job_exists_and_becomes_the_job(
+    pool, support, server, tmp_path
+):
+    warm = await pool.take(limit_files(256, None, 64), netns=server.netns == "ok")
+    assert warm is not None
+    name = warm.cgroup.v2.name if warm.cgroup.v2 else next(iter(warm.cgroup.v1.values())).name
+    assert name.startswith(f"{PREFIX}{os.getpid()}-")
+    await await_for(
+        lambda: stem_joined(warm.stem, name, hierarchies(support)), timeout=5, what="stem joined"
+    )
+
+    result, out = await run(server, tmp_path, job_limits(warm))
+
+    assert result.exit_code == 0, out
+    assert f"pid={warm.stem}" in out  # no new fork on the start path: the stem exec'd the job
+    assert out.count(f"/{name}\n") == hierarchies(support), out
+    if warm.netns:
+        assert interfaces(out) == ["lo"], out
+    # Only stdin, stdout, stderr (and the shell's glob of its own fd dir) reach the job.
+    fds = {ln[3:] for ln in out.splitlines() if ln.startswith("fd=")}
+    assert fds <= {"0", "1", "2", "3"}, fds
+    assert not server.unused(warm.stem)
+    await pool.forget(warm)  # a no-op now: the job used it
+    await trio.to_thread.run_sync(warm.cgroup.remove)
+    assert warm.cgroup.v2 is None or not warm.cgroup.v2.exists()
+    await await_for(lambda: pool.ready == 1, timeout=5, what="pool refilled behind the job")
+
+
+async def test_a_taken_group_carries_the_jobs_limits(pool, server):
+    warm = await pool.take(limit_files(300, 2, 17), netns=server.netns == "ok")
+    assert warm is not None
+    group = warm.cgroup
+    try:
+        if "memory" in group.v1:
+            assert (group.v1["memory"] / "memory.limit_in_bytes").read_text().strip() == str(
+                300 * 1024 * 1024
+            )
+        if "pids" in group.v1:
+            assert (group.v1["pids"] / "pids.max").read_text().strip() == "17"
+        if group.v2 is not None and (group.v2 / "memory.max").exists():
+            assert (group.v2 / "memory.max").read_text().strip() == str(300 * 1024 * 1024)
+        if group.v2 is None and not group.v1:
+            pytest.fail("a taken warm start has no group")
+    finally:
+        await pool.forget(warm)
+        await trio.to_thread.run_sync(group.remove)
+
+
+async def test_limits_a_warm_group_refuses_mean_a_cold_start_not_a_failure(pool, server):
+    bogus = {
+        "v2": {"cgroup.max.descendants": "bogus"},
+        "memory": {"notify_on_release": "bogus"},
+        "pids": {"notify_on_release": "bogus"},
+    }
+    spare = pool._ready[0]
+    assert await pool.take(bogus, netns=server.netns == "ok") is None
+    await await_for(lambda: _zombie_or_gone(spare.stem), timeout=5, what="stem dropped")
+    for path in [spare.cgroup.v2, *spare.cgroup.v1.values()]:
+        assert path is None or not path.exists()
+
+
+async def test_an_unused_stem_is_killed_and_its_group_removable(pool, server):
+    warm = await pool.take(limit_files(None, None, None), netns=server.netns == "ok")
+    assert warm is not None
+    await pool.forget(warm)
+    await await_for(lambda: not Path(f"/proc/{warm.stem}").exists(), timeout=5, what="stem reaped")
+    await trio.to_thread.run_sync(warm.cgroup.remove)  # empty now: rmdir works
+    for path in [warm.cgroup.v2, *warm.cgroup.v1.values()]:
+        assert path is None or not path.exists()
+
+
+async def test_a_stem_that_does_not_fit_the_job_is_not_used(pool, server, tmp_path):
+    if server.netns != "ok":
+        pytest.skip("needs network namespaces to make a stem that does not fit")
+    warm = await pool.take(limit_files(None, None, None), netns=True)
+    assert warm is not None
+    limits = job_limits(warm) | {"netns": False}  # this job may use the network
+    result, out = await run(server, tmp_path, limits)
+    assert result.exit_code == 0
+    assert f"pid={warm.stem}" not in out  # started cold, with the network it asked for
+    assert interfaces(out) != ["lo"], out  # the host's interfaces, not a private namespace
+    assert not Path(f"/proc/{warm.stem}").exists() or _zombie_or_gone(warm.stem)
+    await trio.to_thread.run_sync(warm.cgroup.remove)
+
+
+async def test_a_stem_killed_from_outside_falls_back_to_a_cold_start(
+    pool, support, server, tmp_path
+):
+    warm = await pool.take(limit_files(None, None, None), netns=server.netns == "ok")
+    assert warm is not None
+    os.kill(warm.stem, signal.SIGKILL)
+    await await_for(lambda: _zombie_or_gone(warm.stem), timeout=5, what="stem dead")
+    result, out = await run(server, tmp_path, job_limits(warm))
+    assert result.exit_code == 0, out
+    assert f"pid={warm.stem}" not in out
+    name = (warm.cgroup.v2 or next(iter(warm.cgroup.v1.values()))).name
+    assert out.count(f"/{name}\n") == hierarchies(support), out  # still in the job's groups
+    await trio.to_thread.run_sync(warm.cgroup.remove)
+
+
+async def test_a_stem_reports_a_group_it_could_not_join(server, tmp_path):
+    stem = await server.prestart([str(tmp_path / "no-such-group" / "cgroup.procs")], False)
+    with pytest.raises(ForkServerError, match="No such file"):
+        await run(
+            server,
+            tmp_path,
+            {"cgroup_procs": [str(tmp_path / "no-such-group" / "cgroup.procs")], "stem": stem},
+        )
+
+
+async def test_closing_the_pool_kills_spares_and_removes_their_groups(support, server):
+    warm_pool = WarmPool(support, server, netns=False, size=2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(warm_pool.run)
+        await await_for(lambda: warm_pool.ready == 2, timeout=5, what="two spares")
+        spares = list(warm_pool._ready)
+        nursery.cancel_scope.cancel()
+    assert warm_pool.ready == 0
+    for warm in spares:
+        await await_for(lambda w=warm: _zombie_or_gone(w.stem), timeout=5, what="spare stem killed")
+        for path in [warm.cgroup.v2, *warm.cgroup.v1.values()]:
+            assert path is None or not path.exists(), path
+
+
+def test_stale_spares_of_gone_daemons_are_removed(tmp_path):
+    base = tmp_path / "jobs"
+    base.mkdir()
+    own = os.getpid()
+    dead = _dead_pid()
+    names = {
+        f"{PREFIX}{dead}-aaaaaa-0": False,  # its daemon is gone: removed
+        f"{PREFIX}{own}-bbbbbb-3": False,  # our pid, but no pool of ours: an earlier life
+        f"{PREFIX}1-cccccc-0": True,  # a live daemon's (pid 1 always runs)
+        f"{PREFIX}{dead}-dddddd-1": True,  # not empty: a job's stragglers are recovery's
+        "job-7.a1.0123abcd": True,  # a job's group: never touched here
+        f"{PREFIX}garbage": True,
+    }
+    for name in names:
+        (base / name).mkdir()
+    (base / f"{PREFIX}{dead}-dddddd-1" / "cgroup.procs").write_text("")
+    support = CgroupSupport(v2_base=base)
+    assert remove_stale(support) == 2
+    for name, kept in names.items():
+        assert (base / name).exists() == kept, name
+
+
+def _dead_pid() -> int:
+    pid = 4_000_000
+    while Path(f"/proc/{pid}").exists():
+        pid -= 1
+    return pid
+
+
+def _zombie_or_gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except (FileNotFoundError, IndexError):
+        return True
