@@ -60,6 +60,7 @@ run: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check aitbc_miner mock_coordinator tests scripts
+	$(VENV)/bin/ruff format --check aitbc_miner mock_coordinator tests scripts
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .demo bench

@@ -62,8 +62,9 @@ async def _json(request: Request) -> dict[str, Any]:
     return body
 
 
-def _option(body: dict[str, Any], name: str, kind: str, check: Callable[[Any], bool],
-            rule: str) -> Any:
+def _option(
+    body: dict[str, Any], name: str, kind: str, check: Callable[[Any], bool], rule: str
+) -> Any:
     value = body.get(name)
     if value is not None and not (is_kind(value, kind) and check(value)):
         raise ApiError(400, f"{name} must be {rule}")
@@ -84,8 +85,7 @@ async def enqueue(request: Request, coord: Coordinator) -> Any:
         "retry": _option(body, "retry", "bool", lambda v: True, "a boolean"),
         "raw": _option(body, "raw", "bool", lambda v: True, "a boolean"),
         "chunk_size": _option(body, "chunk_size", "int", lambda v: v > 0, "a positive integer"),
-        "max_attempts": _option(body, "max_attempts", "int", lambda v: v > 0,
-                                "a positive integer"),
+        "max_attempts": _option(body, "max_attempts", "int", lambda v: v > 0, "a positive integer"),
     }
     if "jobs" in body:
         manifests, many = body["jobs"], True
@@ -220,13 +220,27 @@ async def add_file(request: Request, coord: Coordinator) -> Any:
             digest.update(chunk)
             size += len(chunk)
             await fh.write(chunk)
-    meta = {"name": name, "stored_as": name, "size": size, "sha256": digest.hexdigest(),
-            "fail_times": fail_times, "status": status, "retry_after": opts.get("retry_after"),
-            "content_type": opts.get("content_type"), "requests": 0, "downloads": 0,
-            "failed": 0, "with_auth": 0}
+    meta = {
+        "name": name,
+        "stored_as": name,
+        "size": size,
+        "sha256": digest.hexdigest(),
+        "fail_times": fail_times,
+        "status": status,
+        "retry_after": opts.get("retry_after"),
+        "content_type": opts.get("content_type"),
+        "requests": 0,
+        "downloads": 0,
+        "failed": 0,
+        "with_auth": 0,
+    }
     coord.state.files[name] = meta
-    return {"name": name, "url": f"{coord.base}/files/{quote(name)}", "sha256": meta["sha256"],
-            "size": size}
+    return {
+        "name": name,
+        "url": f"{coord.base}/files/{quote(name)}",
+        "sha256": meta["sha256"],
+        "size": size,
+    }
 
 
 async def _aiter(source: Any) -> Any:
@@ -258,8 +272,10 @@ async def stats(request: Request, coord: Coordinator) -> Any:
     state = coord.state
     return {
         **state.stats.to_json(),
-        "downloads": {name: {k: f[k] for k in ("requests", "downloads", "failed", "with_auth")}
-                      for name, f in state.files.items()},
+        "downloads": {
+            name: {k: f[k] for k in ("requests", "downloads", "failed", "with_auth")}
+            for name, f in state.files.items()
+        },
         "jobs_by_state": dict(Counter(j.state for j in state.jobs.jobs.values())),
         "results_accepted": sum(j.results_accepted for j in state.jobs.jobs.values()),
         "nodes": len(state.nodes.nodes),

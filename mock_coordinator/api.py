@@ -22,9 +22,16 @@ MAX_WAIT_S = 60.0
 
 
 # -- node endpoints ---------------------------------------------------------------------------
-_DESCRIPTOR_KINDS = {"version": "str", "cpu": "object", "memory_mb": "number",
-                     "disk_free_mb": "number", "gpu": "list", "runners": "list",
-                     "slots": "object", "tags": "list"}
+_DESCRIPTOR_KINDS = {
+    "version": "str",
+    "cpu": "object",
+    "memory_mb": "number",
+    "disk_free_mb": "number",
+    "gpu": "list",
+    "runners": "list",
+    "slots": "object",
+    "tags": "list",
+}
 
 
 async def register(call: Call) -> tuple[int, Any]:
@@ -51,8 +58,12 @@ async def heartbeat(call: Call) -> tuple[int, Any]:
     if field(body, "state", "str") not in ("active", "draining"):
         raise ApiError(422, "state must be 'active' or 'draining'")
     running = str_list(body, "running_jobs", required=False) or []
-    for name, kind in (("load", "object"), ("free_mb", "number"), ("disk_free_mb", "number"),
-                       ("gpu_free", "list")):
+    for name, kind in (
+        ("load", "object"),
+        ("free_mb", "number"),
+        ("disk_free_mb", "number"),
+        ("gpu_free", "list"),
+    ):
         field(body, name, kind, required=False)
     now = coord.now()
     node.heartbeats.append({"ts": now, "mono": time.monotonic(), "body": body})
@@ -61,8 +72,11 @@ async def heartbeat(call: Call) -> tuple[int, Any]:
         job = board.find(ref, node.node_id)
         if job is not None and job.holder == node.node_id and job.state in ACTIVE:
             board.extend(job, now)
-    cancel = [str(j.job_id) for j in board.jobs.values()
-              if j.holder == node.node_id and j.state in ACTIVE and j.cancel_requested]
+    cancel = [
+        str(j.job_id)
+        for j in board.jobs.values()
+        if j.holder == node.node_id and j.state in ACTIVE and j.cancel_requested
+    ]
     return 200, {"status": node.status, "cancel": cancel}
 
 
@@ -70,8 +84,11 @@ async def deregister(call: Call) -> tuple[int, Any]:
     coord, node = call.coord, call.node
     assert node is not None
     field(call.body, "node_id", "str")
-    held = [str(j.job_id) for j in coord.state.jobs.jobs.values()
-            if j.holder == node.node_id and j.state in ACTIVE]
+    held = [
+        str(j.job_id)
+        for j in coord.state.jobs.jobs.values()
+        if j.holder == node.node_id and j.state in ACTIVE
+    ]
     if held:
         node.violation("deregister_holding_jobs", ", ".join(held), coord.now())
     node.deregistered = True
@@ -126,8 +143,9 @@ async def pull(call: Call) -> tuple[int, Any]:
     return 200, {"job": wire, "lease": job.lease, "signature": signature}
 
 
-async def _long_poll(call: Call, node: Node, filters: dict[str, Any],
-                     deadline: float) -> Job | None:
+async def _long_poll(
+    call: Call, node: Node, filters: dict[str, Any], deadline: float
+) -> Job | None:
     """Wait for a matching job until `deadline`, giving up if the client goes away."""
     coord = call.coord
     job = None
@@ -143,8 +161,7 @@ async def _long_poll(call: Call, node: Node, filters: dict[str, Any],
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_disconnect, nursery.cancel_scope)
             with trio.move_on_at(deadline):
-                while job is None and node.status == "active" \
-                        and not coord.shutting_down.is_set():
+                while job is None and node.status == "active" and not coord.shutting_down.is_set():
                     await coord.board_changed.wait()
                     if node.status == "active" and not coord.shutting_down.is_set():
                         job = coord.state.jobs.take(node.node_id, filters, coord.now())
@@ -192,10 +209,13 @@ async def fail(call: Call) -> tuple[int, Any]:
     code = field(body, "error_code", "str")
     if code not in ERROR_CODES:
         raise ApiError(422, f"unknown error_code {code!r}", known=sorted(ERROR_CODES))
-    report = {"error_code": code, "error_msg": field(body, "error_msg", "str"),
-              "retryable": field(body, "retryable", "bool"),
-              "logs_ref": field(body, "logs_ref", "str", required=False, nullable=True),
-              "logs_tail": field(body, "logs_tail", "str", required=False, nullable=True)}
+    report = {
+        "error_code": code,
+        "error_msg": field(body, "error_msg", "str"),
+        "retryable": field(body, "retryable", "bool"),
+        "logs_ref": field(body, "logs_ref", "str", required=False, nullable=True),
+        "logs_tail": field(body, "logs_tail", "str", required=False, nullable=True),
+    }
     coord, node = call.coord, call.node
     assert node is not None
     job = call.job = coord.state.jobs.held(ref, node.node_id, attempt)

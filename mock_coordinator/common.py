@@ -95,8 +95,9 @@ def is_kind(value: Any, kind: str) -> bool:
     return isinstance(value, _KINDS[kind])
 
 
-def field(body: dict[str, Any], name: str, kind: str, *, required: bool = True,
-          nullable: bool = False) -> Any:
+def field(
+    body: dict[str, Any], name: str, kind: str, *, required: bool = True, nullable: bool = False
+) -> Any:
     """Return body[name] after checking its JSON type; 422 when missing or wrong."""
     if name not in body:
         if required:

@@ -22,7 +22,7 @@ def endpoint_of(method: str, path: str) -> str | None:
         return "files"
     if not path.startswith(API_PREFIX):
         return None
-    parts = path[len(API_PREFIX):].strip("/").split("/")
+    parts = path[len(API_PREFIX) :].strip("/").split("/")
     if len(parts) == 3 and parts[0] == "jobs" and parts[2] == "uploads":
         return "jobs/uploads"
     if len(parts) == 2 and parts[0] == "uploads":
@@ -60,8 +60,16 @@ def parse_fault(spec: Any, fault_id: int) -> Fault:
     """Validate an admin fault spec; ValueError says what is wrong."""
     if not isinstance(spec, dict):
         raise ValueError("fault spec must be a JSON object")
-    known = {"endpoint", "error_rate", "status", "retry_after", "latency_ms", "drop_rate",
-             "drop_after", "times"}
+    known = {
+        "endpoint",
+        "error_rate",
+        "status",
+        "retry_after",
+        "latency_ms",
+        "drop_rate",
+        "drop_after",
+        "times",
+    }
     unknown = set(spec) - known
     if unknown:
         raise ValueError(f"unknown fault fields: {sorted(unknown)}")
@@ -80,9 +88,14 @@ def parse_fault(spec: Any, fault_id: int) -> Fault:
     ):
         raise ValueError("retry_after must be null, seconds, or an HTTP-date string")
     if latency is not None:
-        ok = (isinstance(latency, list) and len(latency) == 2
-              and all(isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
-                      for v in latency) and latency[0] <= latency[1])
+        ok = (
+            isinstance(latency, list)
+            and len(latency) == 2
+            and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in latency
+            )
+            and latency[0] <= latency[1]
+        )
         if not ok:
             raise ValueError("latency_ms must be [min, max] with 0 <= min <= max")
         latency = (float(latency[0]), float(latency[1]))
@@ -90,9 +103,17 @@ def parse_fault(spec: Any, fault_id: int) -> Fault:
         raise ValueError("drop_after must be a boolean")
     if times is not None and (isinstance(times, bool) or not isinstance(times, int) or times < 0):
         raise ValueError("times must be null or a non-negative integer")
-    return Fault(id=fault_id, endpoint=endpoint, error_rate=_rate(spec, "error_rate"),
-                 status=status, retry_after=retry_after, latency_ms=latency,
-                 drop_rate=_rate(spec, "drop_rate"), drop_after=drop_after, times=times)
+    return Fault(
+        id=fault_id,
+        endpoint=endpoint,
+        error_rate=_rate(spec, "error_rate"),
+        status=status,
+        retry_after=retry_after,
+        latency_ms=latency,
+        drop_rate=_rate(spec, "drop_rate"),
+        drop_after=drop_after,
+        times=times,
+    )
 
 
 @dataclasses.dataclass
@@ -155,8 +176,11 @@ async def _send_truncated(send: Send, start: dict[str, Any] | None, body: bytes)
     """Start a response that promises more bytes than it sends; returning without
     finishing it makes hypercorn close the connection mid-body."""
     if start is None or not body:
-        start = {"type": "http.response.start", "status": 200,
-                 "headers": [(b"content-type", b"application/json")]}
+        start = {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json")],
+        }
         body = b'{"dropped": "by the mock coordinator"}'
     headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
     headers.append((b"content-length", str(len(body)).encode()))
@@ -186,8 +210,10 @@ class FaultMiddleware:
             await _drain(receive)
             fault = decision.error
             body = json.dumps({"error": "injected fault", "fault_id": fault.id}).encode()
-            headers = [(b"content-type", b"application/json"),
-                       (b"content-length", str(len(body)).encode())]
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ]
             if fault.retry_after is not None:
                 value = fault.retry_after
                 if isinstance(value, float) and value.is_integer():
@@ -209,8 +235,9 @@ class FaultMiddleware:
 
             await self.app(scope, receive, capture)
             start = next((m for m in captured if m["type"] == "http.response.start"), None)
-            body = b"".join(m.get("body", b"") for m in captured
-                            if m["type"] == "http.response.body")
+            body = b"".join(
+                m.get("body", b"") for m in captured if m["type"] == "http.response.body"
+            )
             await _send_truncated(send, start, body)
             return
         await self.app(scope, receive, send)

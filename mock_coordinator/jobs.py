@@ -64,18 +64,29 @@ class Job:
         return {"lease_id": self.lease_id, "expires_at": rfc3339(self.lease_expires_at)}
 
     def summary(self) -> dict[str, Any]:
-        return {"id": self.id, "job_id": self.job_id, "state": self.state,
-                "attempt": self.attempt, "holder": self.holder,
-                "results_accepted": self.results_accepted, "enqueued_at": self.enqueued_at,
-                "cancel_requested": self.cancel_requested}
+        return {
+            "id": self.id,
+            "job_id": self.job_id,
+            "state": self.state,
+            "attempt": self.attempt,
+            "holder": self.holder,
+            "results_accepted": self.results_accepted,
+            "enqueued_at": self.enqueued_at,
+            "cancel_requested": self.cancel_requested,
+        }
 
     def describe(self) -> dict[str, Any]:
         return {
             **self.summary(),
             "manifest": self.manifest,
-            "options": {"sign": self.sign, "lease_s": self.lease_s, "retry": self.retry,
-                        "raw": self.raw, "chunk_size": self.chunk_size,
-                        "max_attempts": self.max_attempts},
+            "options": {
+                "sign": self.sign,
+                "lease_s": self.lease_s,
+                "retry": self.retry,
+                "raw": self.raw,
+                "chunk_size": self.chunk_size,
+                "max_attempts": self.max_attempts,
+            },
             "lease": self.lease,
             "lease_expires_at": self.lease_expires_at,
             "finished_at": self.finished_at,
@@ -145,9 +156,17 @@ class JobBoard:
                 job.lease_id = str(uuid.uuid4())
                 job.lease_expires_at = now + job.lease_s
                 job.handed_out_at[str(job.attempt)] = now
-                job.attempts.append({"attempt": job.attempt, "node_id": node_id,
-                                     "lease_id": job.lease_id, "handed_out_at": now,
-                                     "acked_at": None, "ended_at": None, "outcome": None})
+                job.attempts.append(
+                    {
+                        "attempt": job.attempt,
+                        "node_id": node_id,
+                        "lease_id": job.lease_id,
+                        "handed_out_at": now,
+                        "acked_at": None,
+                        "ended_at": None,
+                        "outcome": None,
+                    }
+                )
                 return job
         return None
 
@@ -163,8 +182,11 @@ class JobBoard:
     def find(self, ref: str, node_id: str) -> Job | None:
         """The job a miner means by `ref`: one it holds first, then by internal id, then
         the most recent with that manifest job_id."""
-        held = [j for j in self.jobs.values()
-                if j.holder == node_id and j.state in ACTIVE and ref in (j.id, str(j.job_id))]
+        held = [
+            j
+            for j in self.jobs.values()
+            if j.holder == node_id and j.state in ACTIVE and ref in (j.id, str(j.job_id))
+        ]
         if held:
             return held[0]
         if ref in self.jobs:
@@ -212,13 +234,18 @@ class JobBoard:
         self._end_attempt(job, f"failed:{code}", now)
         if job.cancel_requested:
             return self._finish(job, "cancelled" if code == "E_CANCELLED" else "failed", now)
-        if (report["retryable"] and job.retry and code != "E_INVALID"
-                and job.attempt < job.max_attempts):
+        if (
+            report["retryable"]
+            and job.retry
+            and code != "E_INVALID"
+            and job.attempt < job.max_attempts
+        ):
             return self._requeue(job)
         return self._finish(job, "failed", now)
 
-    def accept_result(self, job: Job, metadata: dict[str, Any],
-                      artifacts: list[dict[str, Any]], now: float) -> None:
+    def accept_result(
+        self, job: Job, metadata: dict[str, Any], artifacts: list[dict[str, Any]], now: float
+    ) -> None:
         job.results_accepted += 1
         job.result = metadata
         job.result_attempt = job.attempt
@@ -237,8 +264,11 @@ class JobBoard:
         """Handle every lease that ran out; return the jobs that changed."""
         changed = []
         for job in list(self.jobs.values()):
-            if job.state in ACTIVE and job.lease_expires_at is not None \
-                    and job.lease_expires_at <= now:
+            if (
+                job.state in ACTIVE
+                and job.lease_expires_at is not None
+                and job.lease_expires_at <= now
+            ):
                 self._end_attempt(job, "lease_expired", now)
                 if job.cancel_requested:
                     self._finish(job, "cancelled", now)
@@ -250,8 +280,11 @@ class JobBoard:
         return changed
 
     def next_deadline(self) -> float | None:
-        deadlines = [j.lease_expires_at for j in self.jobs.values()
-                     if j.state in ACTIVE and j.lease_expires_at is not None]
+        deadlines = [
+            j.lease_expires_at
+            for j in self.jobs.values()
+            if j.state in ACTIVE and j.lease_expires_at is not None
+        ]
         return min(deadlines, default=None)
 
     def _end_attempt(self, job: Job, outcome: str, now: float) -> None:
@@ -278,8 +311,11 @@ class JobBoard:
 
     # -- persistence ---------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        return {"seq": self._seq, "admin_ids": self._admin_ids,
-                "jobs": [dataclasses.asdict(j) for j in self.jobs.values()]}
+        return {
+            "seq": self._seq,
+            "admin_ids": self._admin_ids,
+            "jobs": [dataclasses.asdict(j) for j in self.jobs.values()],
+        }
 
     def load_json(self, data: dict[str, Any]) -> None:
         self._seq = data.get("seq", 0)

@@ -93,8 +93,12 @@ class NodeBook:
         node.first_registered_at = node.first_registered_at or now
         node.last_registered_at = now
         node.token_expires_at = now + self.token_ttl_s
-        self.tokens[token] = {"node_id": node_id, "expires_at": node.token_expires_at,
-                              "revoked": False, "issued_at": now}
+        self.tokens[token] = {
+            "node_id": node_id,
+            "expires_at": node.token_expires_at,
+            "revoked": False,
+            "issued_at": now,
+        }
         return node, token
 
     def authenticate(self, token: str | None, now: float) -> Node:
@@ -124,8 +128,10 @@ class NodeBook:
         return count
 
     def to_json(self) -> dict[str, Any]:
-        return {"nodes": [dataclasses.asdict(n) for n in self.nodes.values()],
-                "tokens": self.tokens}
+        return {
+            "nodes": [dataclasses.asdict(n) for n in self.nodes.values()],
+            "tokens": self.tokens,
+        }
 
     def load_json(self, data: dict[str, Any]) -> None:
         self.nodes = {n["node_id"]: Node(**n) for n in data.get("nodes", [])}

@@ -75,9 +75,16 @@ def _bearer(request: Request) -> str | None:
     return token.strip() or None
 
 
-def api_route(path: str, endpoint: str, handler: Handler, *, method: str = "POST",
-              auth: str = "node", reader: Reader = read_json,
-              replay: Replay | None = None) -> Route:
+def api_route(
+    path: str,
+    endpoint: str,
+    handler: Handler,
+    *,
+    method: str = "POST",
+    auth: str = "node",
+    reader: Reader = read_json,
+    replay: Replay | None = None,
+) -> Route:
     """Wrap `handler` in the common pipeline and mount it under /api/v1."""
     mutating = method in ("POST", "PUT")
 
@@ -101,15 +108,21 @@ def api_route(path: str, endpoint: str, handler: Handler, *, method: str = "POST
         _record(call, status, replayed)
         if mutating:
             coord.persist()
-        coord.log(endpoint=endpoint, status=status, node_id=call.node_id, replayed=replayed,
-                  ms=round((time.monotonic() - started) * 1000, 1))
+        coord.log(
+            endpoint=endpoint,
+            status=status,
+            node_id=call.node_id,
+            replayed=replayed,
+            ms=round((time.monotonic() - started) * 1000, 1),
+        )
         return JSONResponse(body, status_code=status)
 
     return Route("/api/v1/" + path, asgi_endpoint, methods=[method])
 
 
-async def _process(call: Call, handler: Handler, auth: str, mutating: bool, reader: Reader,
-                   replay: Replay | None) -> tuple[int, Any, bool]:
+async def _process(
+    call: Call, handler: Handler, auth: str, mutating: bool, reader: Reader, replay: Replay | None
+) -> tuple[int, Any, bool]:
     coord = call.coord
     try:
         coord.tick()
@@ -161,8 +174,9 @@ async def _run(handler: Handler, call: Call) -> tuple[int, Any]:
         return exc.status, exc.body()
 
 
-async def _idempotent(call: Call, material: bytes, handler: Handler,
-                      replay: Replay | None) -> tuple[int, Any, bool]:
+async def _idempotent(
+    call: Call, material: bytes, handler: Handler, replay: Replay | None
+) -> tuple[int, Any, bool]:
     """Run `handler` once per (node, endpoint, key); repeats get the stored first answer."""
     coord = call.coord
     scope = f"{call.node_id}|{call.endpoint}|{call.idem_key}"
@@ -207,8 +221,13 @@ def _record(call: Call, status: int, replayed: bool) -> None:
     job = call.job
     if job is None and isinstance(call.job_ref, str) and call.node_id:
         job = state.jobs.find(call.job_ref, call.node_id)
-    entry = {"ts": coord.now(), "endpoint": call.endpoint, "status": status,
-             "idempotency_key": call.idem_key, "replayed": replayed}
+    entry = {
+        "ts": coord.now(),
+        "endpoint": call.endpoint,
+        "status": status,
+        "idempotency_key": call.idem_key,
+        "replayed": replayed,
+    }
     if job is not None or call.job_ref is not None:
         entry["job_id"] = job.job_id if job is not None else call.job_ref
         entry["attempt"] = call.attempt

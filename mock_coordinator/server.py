@@ -156,8 +156,12 @@ async def serve(opts: Options, announce: Callable[[str], None] = print) -> None:
     if key_file is None and scratch is None:
         key_file = data_dir / "signing-key.pem"
     signer = Signer(load_or_create_key(key_file), opts.hmac_secret, key_id=opts.key_id)
-    state = State(lease_s=opts.lease_s, max_attempts=opts.max_attempts,
-                  token_ttl_s=opts.token_ttl_s, pending_by_default=opts.pending_by_default)
+    state = State(
+        lease_s=opts.lease_s,
+        max_attempts=opts.max_attempts,
+        token_ttl_s=opts.token_ttl_s,
+        pending_by_default=opts.pending_by_default,
+    )
     if opts.state_file is not None:
         state.load(opts.state_file)
     coord = Coordinator(opts, state, signer, data_dir)
@@ -168,13 +172,22 @@ async def serve(opts: Options, announce: Callable[[str], None] = print) -> None:
                 nursery.start_soon(_stop_on_signal, signals, coord)
                 await nursery.start(lease_timer, coord)
                 async with trio.open_nursery() as http:
-                    binds = await http.start(partial(
-                        hypercorn.trio.serve, app, _hypercorn_config(opts),
-                        shutdown_trigger=coord.shutting_down.wait))
+                    binds = await http.start(
+                        partial(
+                            hypercorn.trio.serve,
+                            app,
+                            _hypercorn_config(opts),
+                            shutdown_trigger=coord.shutting_down.wait,
+                        )
+                    )
                     coord.base = _public_base(binds[0])
-                    ready = {"event": "mock_ready", "url": coord.api_url,
-                             "admin_url": coord.admin_url, "key_id": signer.key_id,
-                             "public_key": signer.public_key}
+                    ready = {
+                        "event": "mock_ready",
+                        "url": coord.api_url,
+                        "admin_url": coord.admin_url,
+                        "key_id": signer.key_id,
+                        "public_key": signer.public_key,
+                    }
                     if opts.hmac_secret is not None:
                         ready["hmac_key_id"] = HMAC_KEY_ID
                     ready["pid"] = os.getpid()

@@ -70,7 +70,9 @@ class Signer:
     """Signs the exact job object that goes on the wire, in one of SIGN_MODES."""
 
     def __init__(
-        self, key: Ed25519PrivateKey, hmac_secret: str | None = None,
+        self,
+        key: Ed25519PrivateKey,
+        hmac_secret: str | None = None,
         key_id: str = ED25519_KEY_ID,
     ) -> None:
         self.key = key

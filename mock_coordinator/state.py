@@ -42,18 +42,39 @@ class UploadBook:
     def __init__(self) -> None:
         self.uploads: dict[str, Upload] = {}
 
-    def start(self, job_id: str, attempt: int, node_id: str, path: str, size: int,
-              sha256: str, chunk_size: int, now: float) -> Upload:
+    def start(
+        self,
+        job_id: str,
+        attempt: int,
+        node_id: str,
+        path: str,
+        size: int,
+        sha256: str,
+        chunk_size: int,
+        now: float,
+    ) -> Upload:
         """The upload for (job, attempt, path, sha256): the existing one, or a new one."""
         for up in self.uploads.values():
             if (up.job_id, up.attempt, up.path, up.sha256) == (job_id, attempt, path, sha256):
                 if up.size != size:
-                    raise ApiError(422, "size differs from the existing upload of this file",
-                                   upload_id=up.upload_id, size=up.size)
+                    raise ApiError(
+                        422,
+                        "size differs from the existing upload of this file",
+                        upload_id=up.upload_id,
+                        size=up.size,
+                    )
                 return up
-        up = Upload(upload_id="up-" + uuid.uuid4().hex, job_id=job_id, attempt=attempt,
-                    node_id=node_id, path=path, size=size, sha256=sha256,
-                    chunk_size=chunk_size, created_at=now)
+        up = Upload(
+            upload_id="up-" + uuid.uuid4().hex,
+            job_id=job_id,
+            attempt=attempt,
+            node_id=node_id,
+            path=path,
+            size=size,
+            sha256=sha256,
+            chunk_size=chunk_size,
+            created_at=now,
+        )
         self.uploads[up.upload_id] = up
         return up
 
@@ -74,8 +95,12 @@ class Idempotency:
         return record
 
     def store(self, scope: str, fingerprint: str, status: int, body: Any, now: float) -> None:
-        self.records[scope] = {"fingerprint": fingerprint, "status": status, "body": body,
-                               "ts": now}
+        self.records[scope] = {
+            "fingerprint": fingerprint,
+            "status": status,
+            "body": body,
+            "ts": now,
+        }
 
 
 class Stats:
@@ -85,8 +110,11 @@ class Stats:
         self.upload_bytes = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"requests": dict(self.requests), "faults": dict(self.faults),
-                "upload_bytes": self.upload_bytes}
+        return {
+            "requests": dict(self.requests),
+            "faults": dict(self.faults),
+            "upload_bytes": self.upload_bytes,
+        }
 
     def load_json(self, data: dict[str, Any]) -> None:
         self.requests = Counter(data.get("requests", {}))
@@ -95,8 +123,9 @@ class Stats:
 
 
 class State:
-    def __init__(self, *, lease_s: float, max_attempts: int, token_ttl_s: float,
-                 pending_by_default: bool) -> None:
+    def __init__(
+        self, *, lease_s: float, max_attempts: int, token_ttl_s: float, pending_by_default: bool
+    ) -> None:
         self.nodes = NodeBook(token_ttl_s, pending_by_default)
         self.jobs = JobBoard(lease_s, max_attempts)
         self.uploads = UploadBook()

@@ -73,8 +73,9 @@ async def read_result(call: Call) -> bytes:
         if not isinstance(value, UploadFile):
             raise ApiError(422, "an 'artifact' part has no filename")
         size, digest = await trio.to_thread.run_sync(_hash_fileobj, value.file)
-        parts.append({"name": value.filename or "", "size": size, "sha256": digest,
-                      "file": value.file})
+        parts.append(
+            {"name": value.filename or "", "size": size, "sha256": digest, "file": value.file}
+        )
     call.extra["parts"] = parts
     summary = sorted([p["name"], p["size"], p["sha256"]] for p in parts)
     return canonical(metadata) + b"\n" + canonical(summary)
@@ -106,8 +107,9 @@ def _validate_metadata(meta: dict[str, Any]) -> None:
         field(art, "upload_id", "str", required=False, nullable=True)
 
 
-def _plan_artifacts(coord: Coordinator, job: Job, meta: dict[str, Any],
-                    parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _plan_artifacts(
+    coord: Coordinator, job: Job, meta: dict[str, Any], parts: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     """Match metadata artifacts to parts or completed uploads; 422 on any disagreement."""
     by_name: dict[str, dict[str, Any]] = {}
     for part in parts:
@@ -130,8 +132,9 @@ def _plan_artifacts(coord: Coordinator, job: Job, meta: dict[str, Any],
             if up.attempt != job.attempt:
                 raise ApiError(422, f"upload {upload_id} belongs to attempt {up.attempt}")
             if not up.complete:
-                raise ApiError(422, f"upload {upload_id} is incomplete",
-                               received=up.received, size=up.size)
+                raise ApiError(
+                    422, f"upload {upload_id} is incomplete", received=up.received, size=up.size
+                )
             if (up.size, up.sha256) != declared:
                 raise ApiError(422, f"size/sha256 of {path!r} disagree with upload {upload_id}")
             if path in by_name:
@@ -142,13 +145,24 @@ def _plan_artifacts(coord: Coordinator, job: Job, meta: dict[str, Any],
             if part is None:
                 raise ApiError(422, f"no artifact part for {path!r}")
             if part["size"] != art["size"]:
-                raise ApiError(422, f"size mismatch for {path!r}: metadata says {art['size']}, "
-                                    f"part has {part['size']}")
+                raise ApiError(
+                    422,
+                    f"size mismatch for {path!r}: metadata says {art['size']}, "
+                    f"part has {part['size']}",
+                )
             if part["sha256"] != art["sha256"]:
                 raise ApiError(422, f"sha256 mismatch for {path!r}")
             source = part["file"]
-        plan.append({"path": path, "size": art["size"], "sha256": art["sha256"],
-                     "type": art.get("type"), "upload_id": upload_id, "source": source})
+        plan.append(
+            {
+                "path": path,
+                "size": art["size"],
+                "sha256": art["sha256"],
+                "type": art.get("type"),
+                "upload_id": upload_id,
+                "source": source,
+            }
+        )
     listed = {p["path"] for p in plan if p["upload_id"] is None}
     extra = sorted(set(by_name) - listed)
     if extra:
@@ -197,12 +211,16 @@ async def result(call: Call) -> tuple[int, Any]:
             node.violation("result_before_ack", ref, now)
         declared = job.manifest.get("artifacts")
         if isinstance(declared, list):
-            missing = [a.get("path") for a in declared
-                       if isinstance(a, dict) and a.get("path") not in {p["path"] for p in plan}]
+            missing = [
+                a.get("path")
+                for a in declared
+                if isinstance(a, dict) and a.get("path") not in {p["path"] for p in plan}
+            ]
             if missing:
                 node.violation("result_missing_declared_artifacts", repr(missing), now)
-        records = [{k: v for k, v in p.items() if k != "source"} | {"attempt": attempt}
-                   for p in plan]
+        records = [
+            {k: v for k, v in p.items() if k != "source"} | {"attempt": attempt} for p in plan
+        ]
         board.accept_result(job, meta, records, now)
     coord.board_changed.notify()
     return 200, {"accepted": True, "job_id": job.job_id, "attempt": attempt}
@@ -238,8 +256,9 @@ async def upload_start(call: Call) -> tuple[int, Any]:
         node.violation("upload_before_ack", call.job_ref, now)
     if size == 0 and sha != sha256_hex(b""):
         raise ApiError(422, "sha256 does not match an empty file")
-    up = coord.state.uploads.start(job.id, attempt, node.node_id, path, size, sha,
-                                   job.chunk_size or coord.opts.chunk_size, now)
+    up = coord.state.uploads.start(
+        job.id, attempt, node.node_id, path, size, sha, job.chunk_size or coord.opts.chunk_size, now
+    )
     target = upload_file(coord, up.upload_id)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.touch()
@@ -299,8 +318,11 @@ async def upload_put(call: Call) -> tuple[int, Any]:
             up.rejected_puts += 1
             with open(target, "r+b") as fh:
                 fh.truncate(up.received)
-            raise ApiError(400, f"body has {written} bytes, Content-Range says "
-                                f"{last - first + 1}", received=up.received)
+            raise ApiError(
+                400,
+                f"body has {written} bytes, Content-Range says {last - first + 1}",
+                received=up.received,
+            )
         up.received += written
         if up.received == up.size:
             digest = await trio.to_thread.run_sync(_hash_path, target)
@@ -342,24 +364,24 @@ async def serve_file(request: Request) -> Response:
         if meta.get("retry_after") is not None:
             headers["Retry-After"] = str(meta["retry_after"])
         coord.persist()
-        return JSONResponse({"error": "injected file failure"}, status_code=status,
-                            headers=headers)
+        return JSONResponse({"error": "injected file failure"}, status_code=status, headers=headers)
     if counted:
         meta["downloads"] += 1
         coord.state.stats.requests["files 200"] += 1
         coord.persist()
-    return FileResponse(coord.data_dir / "files" / meta["stored_as"],
-                        media_type=meta.get("content_type") or "application/octet-stream")
+    return FileResponse(
+        coord.data_dir / "files" / meta["stored_as"],
+        media_type=meta.get("content_type") or "application/octet-stream",
+    )
 
 
 def routes() -> list[Route]:
     return [
-        api_route("jobs/result", "jobs/result", result, reader=read_result,
-                  replay=_replay_result),
+        api_route("jobs/result", "jobs/result", result, reader=read_result, replay=_replay_result),
         api_route("jobs/{job_id}/uploads", "jobs/uploads", upload_start),
-        api_route("uploads/{upload_id}", "uploads/put", upload_put, method="PUT",
-                  reader=read_put),
-        api_route("uploads/{upload_id}", "uploads/get", upload_status, method="GET",
-                  reader=read_nothing),
+        api_route("uploads/{upload_id}", "uploads/put", upload_put, method="PUT", reader=read_put),
+        api_route(
+            "uploads/{upload_id}", "uploads/get", upload_status, method="GET", reader=read_nothing
+        ),
         Route("/files/{name:path}", serve_file, methods=["GET"]),
     ]
