@@ -255,7 +255,7 @@ class Agent:
                     )
                     await self.forkserver.open()
                     self._log_sandbox()
-                    if self.sandbox.active:
+                    if self.sandbox.active and self.cfg.resources.warm_starts:
                         slots = self.cfg.resources.max_concurrent_cpu + self.gpu_capacity
                         self.warm = WarmPool(
                             self.sandbox,

@@ -260,9 +260,9 @@ class JobRun:
         await self._advance(Event.ACCEPTED)
         await self._interruptible(self._prepare, manifest)
         self.marks["prepared"] = time.monotonic()
-        await self._make_cgroup(plan)  # recorded by the save below, before anything runs in it
-        await self._advance(Event.PREPARED)
         try:
+            await self._make_cgroup(plan)  # recorded by the save below, before anything runs in it
+            await self._advance(Event.PREPARED)
             result = await self._execute(plan)
         finally:
             with trio.CancelScope(shield=True):
@@ -405,7 +405,7 @@ class JobRun:
                                     cgroup_procs=self.cgroup.procs_files if self.cgroup else [],
                                 )
                                 | self._landlock(plan)
-                                | ({"stem": self.warm.stem} if self.warm else {}),
+                                | ({"stem": self.warm.ref} if self.warm else {}),
                             ),
                             cancel=self.handle.cancel_event,
                             spawner=self.ctx.spawner,

@@ -1205,7 +1205,7 @@ async def sandbox_bench(tmp: Path, n: int, rounds: int) -> dict[str, Any]:
             if landlock and "landlock" in feats:
                 limits["landlock"] = landlock_rules(str(job), ["/bin"])
             if warm is not None:
-                limits["stem"] = warm.stem
+                limits["stem"] = warm.ref
             r = await run_process(
                 spawn(limits), cancel=trio.Event(), spawner=server, cgroup=cg, on_started=on_started
             )

@@ -146,6 +146,7 @@ class ResourcesConfig(_Section):
     max_processes: int = Field(4096, ge=1)  # RLIMIT_NPROC (per uid, as the kernel counts it)
     max_pids: int = Field(512, ge=1)  # pids.max of a job's cgroup
     landlock: bool = True  # confine each job's filesystem view where the kernel has Landlock
+    warm_starts: bool = True  # prepare job starts ahead (cgroups joined, netns entered)
 
     @model_validator(mode="after")
     def _some_slot(self) -> "ResourcesConfig":

@@ -15,19 +15,29 @@ for a *stem* ahead of time: a child that has done `prepare` inside a spare
 cgroup and waits; the job's spawn then costs only `finish` + exec. A spawn
 without a stem (or whose stem does not fit its limits) forks cold.
 
-Protocol on a SOCK_SEQPACKET socket, one JSON object per message:
+Protocol on a SOCK_SEQPACKET socket, one JSON object per message. The server
+speaks first; every request carries an "id" that its reply echoes (the client
+drops a server whose reply does not match), and any request may be answered
+{"op": "error", "errno", "error", "id"}:
+  server → {"op": "hello", "pid", "netns": "ok"|"unavailable", "landlock": <ABI>}
   daemon → {"op": "prestart", "cgroup_procs", "netns"}
   server → {"op": "prestarted", "pid"}
   daemon → {"op": "spawn", "argv", "env", "cwd", "limits": {..., "stem"?}} + SCM_RIGHTS [stdout fd]
-  server → {"op": "spawned", "pid"} | {"op": "error", "errno", "error"}
-  daemon → {"op": "discard", "pid"}            (an unused stem)
+  server → {"op": "spawned", "pid"}
+  daemon → {"op": "discard", "pid"}            (an unused stem; any other pid: no-op)
   server → {"op": "discarded", "pid"}
-  daemon → {"op": "reap", "pid"}
+  daemon → {"op": "reap", "pid"}               (refused for an unused stem)
   server → {"op": "reaped", "pid", "status", "utime", "stime", "maxrss_kb"}
-Children are never reaped until the daemon asks: while the leader is a zombie
-its pid and process group stay reserved, so killing the group is always safe.
+A pid handed out in a "spawned" reply is never reaped until the daemon asks:
+while the leader is a zombie its pid and process group stay reserved, so
+killing the group is always safe. (The server reaps on its own only children
+that never exec'd: failed starts, discarded or unusable stems.) Every wait of
+the server is bounded (EXEC_TIMEOUT_S): a child or stem that neither execs nor
+fails in time (e.g. stopped by a job of the same uid) is killed and the spawn
+answered with ETIMEDOUT. A stem that failed its setup, died, or does not fit
+the request is discarded and the job forked cold.
 Exits when the daemon closes the socket or dies (PR_SET_PDEATHSIG); stems and
-jobs die with it the same way.
+jobs die with it the same way. Not dumpable (nor its children until exec).
 """
 
 import ctypes
@@ -37,12 +47,15 @@ import fcntl
 import json
 import os
 import resource
+import select
 import signal
 import socket
 import struct
 import sys
+import time
 
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
@@ -73,6 +86,10 @@ LL_REFER, LL_TRUNCATE, LL_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
 LL_READ = LL_EXECUTE | LL_READ_FILE | LL_READ_DIR
 
 SERVER_PID = os.getpid()  # forked children check that their parent is still this process
+# How long the server waits for a child to exec, or for a stem to be ready, before it
+# kills it: a child stopped with SIGSTOP (jobs run under the same uid) must not
+# stall every later start. argv[2] overrides it (tests).
+EXEC_TIMEOUT_S = 10.0
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
@@ -109,13 +126,18 @@ def private_network() -> None:
     else:
         _check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNET), "unshare(CLONE_NEWUSER|CLONE_NEWNET)")
         # Map our own ids only: after exec the job holds no capabilities at all.
-        for name, text in (
-            ("setgroups", "deny"),
-            ("uid_map", f"{uid} {uid} 1"),
-            ("gid_map", f"{gid} {gid} 1"),
-        ):
-            with open(f"/proc/self/{name}", "w") as fh:
-                fh.write(text)
+        # /proc/self is root-owned while we are not dumpable: dumpable just for this.
+        prctl(PR_SET_DUMPABLE, 1)
+        try:
+            for name, text in (
+                ("setgroups", "deny"),
+                ("uid_map", f"{uid} {uid} 1"),
+                ("gid_map", f"{gid} {gid} 1"),
+            ):
+                with open(f"/proc/self/{name}", "w") as fh:
+                    fh.write(text)
+        finally:
+            prctl(PR_SET_DUMPABLE, 0)
     loopback_up()
 
 
@@ -231,15 +253,32 @@ def fail(err_w: int, exc: BaseException) -> None:
         os._exit(127)
 
 
+def readable(fd: int, timeout_s: float) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP)
+    return bool(poller.poll(max(0, int(timeout_s * 1000))))
+
+
 def exec_result(pid: int, err_r: int) -> dict:
-    """Wait until the child has exec'd (its end of the close-on-exec pipe closes) or failed."""
+    """Wait until the child has exec'd (its end of the close-on-exec pipe closes) or failed.
+
+    A child that neither execs nor fails within EXEC_TIMEOUT_S (stopped, or stuck in
+    the kernel) is killed and reaped, so the server answers and stays in step.
+    """
     chunks = []
-    while True:
-        data = os.read(err_r, 4096)
-        if not data:
-            break
-        chunks.append(data)
-    os.close(err_r)
+    deadline = time.monotonic() + EXEC_TIMEOUT_S
+    try:
+        while True:
+            if not readable(err_r, deadline - time.monotonic()):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return {"op": "error", "errno": errno.ETIMEDOUT, "error": "the job did not start"}
+            data = os.read(err_r, 4096)
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(err_r)
     if chunks:  # exec never happened
         os.waitpid(pid, 0)
         reply = json.loads(b"".join(chunks))
@@ -247,11 +286,21 @@ def exec_result(pid: int, err_r: int) -> dict:
     return {"op": "spawned", "pid": pid}
 
 
+def fork_or_close(*fds: int) -> int:
+    """os.fork(), closing `fds` if it fails (EAGAIN under TasksMax/RLIMIT_NPROC)."""
+    try:
+        return os.fork()
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
 def spawn(req: dict, out_fd: int) -> dict:
     """Cold start: fork, do both halves in the child, exec."""
     limits = req.get("limits", {})
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
+    pid = fork_or_close(err_r, err_w)
     if pid == 0:  # child: no return from this block
         try:
             os.close(err_r)
@@ -269,17 +318,21 @@ class Stem:
 
     Joining a cgroup waits for an RCU grace period (~10 ms on an idle host) and
     a network namespace costs ~1.5 ms; a stem pays both before the job exists,
-    so a job start costs only `finish()` and exec.
+    so a job start costs only `finish()` and exec. Once prepared it says so on
+    its socket ("ready", or why not); the server hands a job only to a ready stem
+    and starts the job cold otherwise.
     """
 
     def __init__(self, pre: dict, keep_closed: list[int]) -> None:
-        self.pre = {
-            "cgroup_procs": list(pre.get("cgroup_procs", [])),
-            "netns": bool(pre.get("netns")),
-        }
+        self.pre = self.prepared_part(pre)
         self.ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        self.pid = os.fork()
+        try:
+            self.pid = fork_or_close(self.err_r, err_w)
+        except OSError:
+            self.ctl.close()
+            theirs.close()
+            raise
         if self.pid == 0:  # child: no return from this block
             try:
                 os.close(self.err_r)
@@ -293,17 +346,25 @@ class Stem:
         os.close(err_w)
 
     def _wait_and_exec(self, ctl: socket.socket, err_w: int) -> None:
-        early: BaseException | None = None
         try:
             prepare(self.pre)
-        except BaseException as exc:  # reported when a job asks for this stem
-            early = exc
+        except BaseException as exc:
+            ctl.send(json.dumps({"ready": False, "error": str(exc)[:500]}).encode())
+            os._exit(1)
+        ctl.send(b'{"ready": true}')
         data, ancdata, _, _ = ctl.recvmsg(1 << 20, socket.CMSG_SPACE(16), socket.MSG_CMSG_CLOEXEC)
         if not data:  # discarded
             os._exit(0)
-        if early is not None:
-            raise early
         req = json.loads(data)
+        # Still where we were put? Without Landlock a job of the same uid could have
+        # moved this waiting process; then pay for the move again rather than run outside.
+        pid = str(os.getpid())
+        for path in self.pre["cgroup_procs"]:
+            with open(path) as fh:
+                inside = pid in fh.read().split()
+            if not inside:
+                with open(path, "w") as fh:
+                    fh.write(pid)
         finish(req.get("limits", {}))
         execute(req, received_fds(ancdata)[0])
 
@@ -317,15 +378,28 @@ class Stem:
     def fits(self, limits: dict) -> bool:
         return self.pre == self.prepared_part(limits)
 
+    def ready(self) -> bool:
+        """Wait (bounded) for the stem to finish `prepare()`; False if it failed or died."""
+        if not readable(self.ctl.fileno(), EXEC_TIMEOUT_S):
+            return False
+        try:
+            data = self.ctl.recv(4096)
+            return bool(data) and json.loads(data).get("ready") is True
+        except (OSError, ValueError, AttributeError):
+            return False
+
     def spawn(self, req: dict, out_fd: int) -> dict:
+        """Hand the job to this stem, or start it cold if the stem is not usable."""
+        if not self.ready():
+            self.discard()
+            return spawn(req, out_fd)
         try:
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", out_fd))]
             self.ctl.sendmsg([json.dumps(req).encode()], anc)
-        except OSError:  # the stem is gone (killed from outside): start cold instead
+        except OSError:  # died since it said ready
             self.discard()
             return spawn(req, out_fd)
-        finally:
-            self.ctl.close()
+        self.ctl.close()
         return exec_result(self.pid, self.err_r)
 
     def discard(self) -> None:
@@ -379,6 +453,8 @@ class Server:
     def handle(self, req: dict, fds: list[int]) -> dict:
         op = req["op"]
         if op == "spawn":
+            if not fds:
+                raise OSError(errno.EINVAL, "spawn without a stdout descriptor")
             stem = self.stems.pop(int(req["limits"].pop("stem", 0) or 0), None)
             if stem is None:
                 return spawn(req, fds[0])
@@ -423,9 +499,12 @@ class Server:
             if not data:
                 return
             fds = received_fds(ancdata)
+            req_id = None
             try:
-                reply = self.handle(json.loads(data), fds)
-            except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+                req = json.loads(data)
+                req_id = req.get("id")
+                reply = self.handle(req, fds)
+            except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
                 reply = {
                     "op": "error",
                     "errno": getattr(exc, "errno", None) or errno.EINVAL,
@@ -434,13 +513,19 @@ class Server:
             finally:
                 for fd in fds:
                     os.close(fd)
+            reply["id"] = req_id  # the client checks it: a reply never answers another request
             self.sock.send(json.dumps(reply).encode())
 
 
 def main() -> int:
-    global SERVER_PID
+    global SERVER_PID, EXEC_TIMEOUT_S
     SERVER_PID = os.getpid()
+    if len(sys.argv) > 2:
+        EXEC_TIMEOUT_S = float(sys.argv[2])
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the daemon died: so do we (and, in turn, the jobs)
+    # Not dumpable, and so neither are stems and children until exec: a job of the same
+    # uid cannot read or write their memory through /proc/<pid>/mem.
+    prctl(PR_SET_DUMPABLE, 0)
     if os.getppid() == 1:
         return 1
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop

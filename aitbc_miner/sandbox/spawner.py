@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import errno
+import itertools
 import json
 import os
 import socket
@@ -87,24 +88,40 @@ class ForkServerError(OSError):
     pass
 
 
+StemRef = tuple[int, int]  # (pid, token): a token tells a stem from a later one with its pid
+EXEC_TIMEOUT_S = 10.0  # the server's bound on a child's exec or a stem's readiness
+CALL_TIMEOUT_S = 2 * EXEC_TIMEOUT_S + 10  # a spawn may wait for both
+
+
 class ForkServer:
     """Client of the fork server process; one request at a time."""
 
-    def __init__(self, python: str = sys.executable) -> None:
+    def __init__(self, python: str = sys.executable, exec_timeout_s: float = EXEC_TIMEOUT_S):
         self._python = python
+        self._exec_timeout_s = exec_timeout_s
         self._sock: trio.socket.SocketType | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = trio.Lock()
         self.netns = "unavailable"
         self.landlock_abi = 0
-        self._stems: set[int] = set()  # prestarted and not yet used or discarded
+        self._stems: dict[int, int] = {}  # pid -> token, prestarted and not used or discarded
+        self._seq = itertools.count(1)
+        self._closed = False
 
     async def open(self) -> None:
+        self._closed = False
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             # -I -S: isolated and without site: the server needs only the stdlib.
             self._proc = subprocess.Popen(
-                [self._python, "-I", "-S", str(FORKSERVER), str(theirs.fileno())],
+                [
+                    self._python,
+                    "-I",
+                    "-S",
+                    str(FORKSERVER),
+                    str(theirs.fileno()),
+                    str(self._exec_timeout_s),
+                ],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
@@ -120,6 +137,12 @@ class ForkServer:
         log.debug("forkserver_started", pid=hello.get("pid"), netns=self.netns)
 
     async def aclose(self) -> None:
+        """Stop the server for good (shutdown); later calls fail instead of restarting it."""
+        self._closed = True
+        await self._stop()
+
+    async def _stop(self) -> None:
+        self._stems.clear()  # they die with the server
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -137,27 +160,54 @@ class ForkServer:
         data = await self._sock.recv(1 << 20)
         if not data:
             raise ForkServerError(errno.EPIPE, "fork server exited")
-        return json.loads(data)
+        reply = json.loads(data)
+        if not isinstance(reply, dict):
+            raise ValueError("fork server reply is not an object")
+        return reply
+
+    def _break(self, why: str) -> None:
+        """The exchange broke half-way: no later request may read its answer.
+
+        Kill the server (and with it, through PDEATHSIG, its stems and running jobs);
+        the next call starts a fresh one.
+        """
+        log.error("forkserver_out_of_step", reason=why, action="restart")
+        self._stems.clear()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
 
     async def _call(self, request: dict[str, Any], fds: Sequence[int] = ()) -> dict[str, Any]:
-        if self._proc is not None and self._proc.poll() is not None:
-            log.error("forkserver_died", exit_code=self._proc.returncode, action="restart")
-            self._stems.clear()  # they died with it
-            await self.aclose()
-            await self.open()
-        if self._sock is None:
-            raise ForkServerError(errno.EPIPE, "fork server is not running")
         # Shielded: a request cancelled half-way would leave its answer to be read
-        # by the next caller. The server answers in milliseconds; the bound is for a hung one.
-        with trio.CancelScope(shield=True), trio.fail_after(30):
+        # by the next caller. Every wait of the server is bounded, so is this.
+        with trio.CancelScope(shield=True):
             async with self._lock:
-                payload = json.dumps(request).encode()
-                if fds:
-                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-                    await self._sock.sendmsg([payload], anc)
-                else:
-                    await self._sock.send(payload)
-                reply = await self._receive()
+                if self._closed:
+                    raise ForkServerError(errno.EPIPE, "fork server is closed")
+                if self._proc is None or self._proc.poll() is not None:
+                    if self._proc is not None:
+                        log.error("forkserver_died", exit_code=self._proc.returncode)
+                    await self._stop()
+                    await self.open()
+                assert self._sock is not None
+                request = {**request, "id": next(self._seq)}
+                try:
+                    with trio.fail_after(CALL_TIMEOUT_S):
+                        payload = json.dumps(request).encode()
+                        if fds:
+                            rights = array.array("i", fds).tobytes()
+                            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)]
+                            await self._sock.sendmsg([payload], anc)
+                        else:
+                            await self._sock.send(payload)
+                        reply = await self._receive()
+                    if reply.get("id") != request["id"]:
+                        raise ValueError(f"reply {reply.get('id')} to request {request['id']}")
+                except (trio.TooSlowError, ValueError, OSError) as exc:
+                    self._break(f"{request['op']}: {exc!r}")
+                    raise ForkServerError(errno.EIO, f"fork server: {exc!r}") from None
         if reply.get("op") == "error":
             raise ForkServerError(int(reply.get("errno") or errno.EIO), str(reply.get("error")))
         return reply
@@ -170,35 +220,43 @@ class ForkServer:
         out_fd: int,
         limits: dict[str, Any],
     ) -> int:
-        """Start a job; `limits["stem"]` names a prestarted stem to use (else it forks cold)."""
+        """Start a job; `limits["stem"]` (a StemRef) names a prestarted stem to use.
+
+        Without one, or with one that is no longer this server's, it forks cold.
+        """
         limits = dict(limits)
-        stem = limits.pop("stem", None)
-        if stem in self._stems:  # a stem of an earlier server incarnation is not passed on
-            self._stems.discard(stem)
-            limits["stem"] = stem
-        reply = await self._call(
-            {"op": "spawn", "argv": list(argv), "env": dict(env), "cwd": cwd, "limits": limits},
-            [out_fd],
-        )
+        ref = limits.pop("stem", None)
+        pid = None
+        if ref is not None and self._stems.get(int(ref[0])) == int(ref[1]):
+            pid = int(ref[0])
+            limits["stem"] = pid
+        try:
+            reply = await self._call(
+                {"op": "spawn", "argv": list(argv), "env": dict(env), "cwd": cwd, "limits": limits},
+                [out_fd],
+            )
+        finally:
+            if pid is not None:  # the server used or dropped it either way
+                self._stems.pop(pid, None)
         return int(reply["pid"])
 
-    async def prestart(self, cgroup_procs: Sequence[str], netns: bool) -> int:
+    async def prestart(self, cgroup_procs: Sequence[str], netns: bool) -> StemRef:
         """Fork a stem that joins `cgroup_procs` (and a private netns) before any job exists."""
         reply = await self._call(
             {"op": "prestart", "cgroup_procs": list(cgroup_procs), "netns": netns}
         )
-        pid = int(reply["pid"])
-        self._stems.add(pid)
-        return pid
+        pid, token = int(reply["pid"]), next(self._seq)
+        self._stems[pid] = token
+        return pid, token
 
-    def unused(self, pid: int) -> bool:
-        return pid in self._stems
+    def unused(self, ref: StemRef) -> bool:
+        return self._stems.get(ref[0]) == ref[1]
 
-    async def discard(self, pid: int) -> None:
+    async def discard(self, ref: StemRef) -> None:
         """Kill and reap a stem that no job used (no-op when a job already did)."""
-        if pid in self._stems:
-            self._stems.discard(pid)
-            await self._call({"op": "discard", "pid": pid})
+        if self.unused(ref):
+            del self._stems[ref[0]]
+            await self._call({"op": "discard", "pid": ref[0]})
 
     async def reap(self, pid: int) -> Reaped:
         reply = await self._call({"op": "reap", "pid": pid})

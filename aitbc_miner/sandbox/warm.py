@@ -26,7 +26,7 @@ import structlog
 import trio
 
 from .cgroups import CgroupSupport, JobCgroup
-from .spawner import ForkServer
+from .spawner import ForkServer, StemRef
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +40,13 @@ class Warm:
 
     cgroup: JobCgroup
     stem: int  # pid; becomes the job's pid when it is used
+    token: int  # tells this stem from a later one that got the same pid
     netns: bool  # the stem is in a private network namespace
+
+    @property
+    def ref(self) -> StemRef:
+        """What a spawn request names (`limits["stem"]`)."""
+        return self.stem, self.token
 
 
 class WarmPool:
@@ -73,9 +79,9 @@ class WarmPool:
                 while len(self._ready) < self._size:
                     try:
                         self._ready.append(await self._make())
-                    except OSError as exc:
+                    except Exception as exc:  # never the daemon's end: jobs then start cold
                         self.failures += 1
-                        log.warning("warm_start_failed", error=str(exc), retry_in_s=RETRY_S)
+                        log.warning("warm_start_failed", error=repr(exc), retry_in_s=RETRY_S)
                         break
                 if not started:
                     task_status.started()
@@ -94,12 +100,12 @@ class WarmPool:
         name = f"{PREFIX}{os.getpid()}-{self._token}-{next(self._seq)}"
         group = await trio.to_thread.run_sync(JobCgroup.make, self._support, name)
         try:
-            pid = await self._server.prestart(group.procs_files, self._netns)
+            pid, token = await self._server.prestart(group.procs_files, self._netns)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(group.remove)
             raise
-        return Warm(group, pid, self._netns)
+        return Warm(group, pid, token, self._netns)
 
     async def take(self, files: dict[str, dict[str, str]], *, netns: bool) -> Warm | None:
         """A warm start with the job's limits written into its group, or None (start cold)."""
@@ -123,9 +129,9 @@ class WarmPool:
         The group itself is the job's (recorded in state.json) and removed by it.
         """
         try:
-            await self._server.discard(warm.stem)
-        except OSError as exc:
-            log.warning("warm_discard_failed", stem=warm.stem, error=str(exc))
+            await self._server.discard(warm.ref)
+        except Exception as exc:  # a broken fork server is restarted by its next call
+            log.warning("warm_discard_failed", stem=warm.stem, error=repr(exc))
 
     async def drop(self, warm: Warm) -> None:
         await self.forget(warm)
@@ -135,7 +141,10 @@ class WarmPool:
         """Kill the spare stems and remove their groups (at shutdown)."""
         ready, self._ready = self._ready, []
         for warm in ready:
-            await self.drop(warm)
+            try:
+                await self.drop(warm)
+            except OSError as exc:  # the group stays; a later start removes it (remove_stale)
+                log.warning("warm_drop_failed", stem=warm.stem, error=str(exc))
         _LIVE_TOKENS.discard(self._token)
 
 

@@ -50,14 +50,16 @@ def still_serving(mock, name: str) -> None:
     assert run(mock, sh(f"after-{name}", "echo ok"))["state"] == "succeeded"
 
 
-@pytest.fixture
-def sandboxed(mock, miner_factory, tmp_path):
+@pytest.fixture(params=["warm", "cold"])
+def sandboxed(request, mock, miner_factory, tmp_path):
+    """A sandboxed miner; every attack runs against warm starts and against cold forks."""
     extra = tmp_path / "allowlist.extra.d"
     extra.mkdir()
     (extra / "smallout.yaml").write_text(SMALL_OUTPUT)
     miner = miner_factory(
         mock,
         AITBC_MINER_RESOURCES__MAX_PIDS="64",
+        AITBC_MINER_RESOURCES__WARM_STARTS=str(request.param == "warm").lower(),
         AITBC_MINER_RUNNERS__CLI__ALLOWLIST_FILES=json.dumps(
             [
                 str(tmp_path / "allowlist.test.d" / "*.yaml"),
@@ -80,23 +82,25 @@ def test_sandbox_reports_what_it_enforces(sandboxed, mock):
     assert health["sandbox"]["tracking"] == sandbox["tracking"]
 
 
-def test_jobs_start_warm_inside_the_groups_recorded_for_them(sandboxed, mock):
-    """The job's first instruction already runs in its cgroups, prepared ahead of time."""
+def test_jobs_start_inside_the_groups_recorded_for_them(sandboxed, mock):
+    """The job's first instruction already runs in its cgroups (prepared ahead when warm)."""
     miner, sandbox = sandboxed
     if sandbox["tracking"] == "process group" and sandbox["memory"].startswith("rlimit"):
         pytest.skip("no per-job cgroups on this host")
-    job = run(mock, sh("warm-1", "cat /proc/self/cgroup > groups.txt"))
+    job = run(mock, sh("grp-1", "cat /proc/self/cgroup > groups.txt"))
     assert job["state"] == "succeeded", job["fails"]
-    ws = miner.workspace / "warm-1"
+    ws = miner.workspace / "grp-1"
     groups = (ws / "work" / "groups.txt").read_text()
     recorded = json.loads((ws / "state.json").read_text())["cgroup"]
     name = Path(recorded).name
-    assert name.startswith(f"warm-{miner.proc.pid}-"), recorded
+    kind = "warm" if miner.env["AITBC_MINER_RESOURCES__WARM_STARTS"] == "true" else "cold"
+    warm = kind == "warm"
+    assert name.startswith(f"warm-{miner.proc.pid}-" if warm else "grp-1.a"), recorded
     assert f"/{name}\n" in groups, groups  # the recorded group, where recovery would look
     import httpx
 
     metrics = httpx.get(miner.health_url + "/metrics").text
-    assert 'aitbc_miner_job_starts_total{start="warm"} 1.0' in metrics, metrics
+    assert f'aitbc_miner_job_starts_total{{start="{kind}"}} 1.0' in metrics, metrics
     assert not Path(recorded).exists()  # removed after the job
 
 

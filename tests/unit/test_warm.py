@@ -14,15 +14,12 @@ import pytest
 import trio
 
 from aitbc_miner.runners.base import Spawn, run_process
-from aitbc_miner.sandbox.cgroups import CgroupSupport, detect, limit_files
+from aitbc_miner.sandbox.cgroups import CgroupSupport, JobCgroup, detect, limit_files
 from aitbc_miner.sandbox.spawner import ForkServer, ForkServerError
 from aitbc_miner.sandbox.warm import PREFIX, WarmPool, remove_stale
 from tests.support.wait import await_for
 
-SCRIPT = (
-    "echo pid=$$; cat /proc/self/cgroup; cat /proc/net/dev; "
-    "for f in /proc/self/fd/*; do echo fd=${f##*/}; done"
-)
+SCRIPT = "echo pid=$$; cat /proc/self/cgroup; cat /proc/net/dev; ls -l /proc/self/fd"
 
 
 @pytest.fixture
@@ -82,7 +79,7 @@ def interfaces(out: str) -> list[str]:
 
 
 def job_limits(warm) -> dict:
-    return {"cgroup_procs": warm.cgroup.procs_files, "netns": warm.netns, "stem": warm.stem}
+    return {"cgroup_procs": warm.cgroup.procs_files, "netns": warm.netns, "stem": warm.ref}
 
 
 async def test_the_stem_is_in_its_groups_before_the_job_exists_and_becomes_the_job(
@@ -103,10 +100,12 @@ async def test_the_stem_is_in_its_groups_before_the_job_exists_and_becomes_the_j
     assert out.count(f"/{name}\n") == hierarchies(support), out
     if warm.netns:
         assert interfaces(out) == ["lo"], out
-    # Only stdin, stdout, stderr (and the shell's glob of its own fd dir) reach the job.
-    fds = {ln[3:] for ln in out.splitlines() if ln.startswith("fd=")}
-    assert fds <= {"0", "1", "2", "3"}, fds
-    assert not server.unused(warm.stem)
+    # Only stdin, stdout, stderr (and the directory ls opened to list them) reach the job.
+    fds = dict(re.findall(r" (\d+) -> (.*)$", out, re.MULTILINE))
+    assert {"0", "1", "2"} <= set(fds), fds
+    extra = {n: t for n, t in fds.items() if n not in ("0", "1", "2")}
+    assert all(t.startswith("/proc/") for t in extra.values()), extra
+    assert not server.unused(warm.ref)
     await pool.forget(warm)  # a no-op now: the job used it
     await trio.to_thread.run_sync(warm.cgroup.remove)
     assert warm.cgroup.v2 is None or not warm.cgroup.v2.exists()
@@ -185,14 +184,101 @@ async def test_a_stem_killed_from_outside_falls_back_to_a_cold_start(
     await trio.to_thread.run_sync(warm.cgroup.remove)
 
 
-async def test_a_stem_reports_a_group_it_could_not_join(server, tmp_path):
-    stem = await server.prestart([str(tmp_path / "no-such-group" / "cgroup.procs")], False)
-    with pytest.raises(ForkServerError, match="No such file"):
-        await run(
-            server,
-            tmp_path,
-            {"cgroup_procs": [str(tmp_path / "no-such-group" / "cgroup.procs")], "stem": stem},
+async def test_a_stem_that_failed_its_setup_is_not_used_the_job_starts_cold(
+    support, server, tmp_path
+):
+    name = f"{PREFIX}{os.getpid()}-test00-{os.urandom(3).hex()}"
+    bases = ([support.v2_base] if support.v2_base else []) + list(support.v1_bases.values())
+    procs = [str(base / name / "cgroup.procs") for base in bases]
+    pid, token = await server.prestart(procs, False)  # its groups do not exist yet
+    await await_for(lambda: _zombie_or_gone(pid), timeout=5, what="stem gave up")
+    group = JobCgroup.make(support, name)  # now they do
+    try:
+        limits = {"cgroup_procs": procs, "netns": False, "stem": (pid, token)}
+        result, out = await run(server, tmp_path, limits)
+        assert result.exit_code == 0, out
+        assert f"pid={pid}" not in out  # forked cold
+        assert out.count(f"/{name}\n") == len(bases), out  # and still joined the groups
+    finally:
+        group.remove()
+
+
+async def test_a_stopped_stem_cannot_stall_the_server(support, tmp_path):
+    fs = ForkServer(exec_timeout_s=1.0)
+    await fs.open()
+    try:
+        group = JobCgroup.make(support, f"{PREFIX}{os.getpid()}-test01-{os.urandom(3).hex()}")
+        pid, token = await fs.prestart(group.procs_files, False)
+        name = (group.v2 or next(iter(group.v1.values()))).name
+        await await_for(
+            lambda: stem_joined(pid, name, hierarchies(support)), timeout=5, what="joined"
         )
+        os.kill(pid, signal.SIGSTOP)  # what a hostile job of the same uid could do
+        limits = {"cgroup_procs": group.procs_files, "netns": False, "stem": (pid, token)}
+        with pytest.raises(ForkServerError, match="did not start"):
+            await run(fs, tmp_path, limits)
+        await await_for(lambda: _zombie_or_gone(pid), timeout=5, what="stopped stem killed")
+        # Still in step: the next answer belongs to the next request.
+        result, out = await run(fs, tmp_path, {})
+        assert result.exit_code == 0 and "pid=" in out
+        group.remove()
+    finally:
+        await fs.aclose()
+
+
+async def test_stems_of_a_dead_server_are_not_used_after_its_restart(
+    pool, support, server, tmp_path
+):
+    warm = await pool.take(limit_files(None, None, None), netns=server.netns == "ok")
+    assert warm is not None
+    server._proc.kill()  # the fork server dies; its stems die with it (PDEATHSIG)
+    await await_for(lambda: server._proc.poll() is not None, timeout=5, what="server dead")
+    result, out = await run(server, tmp_path, job_limits(warm))  # restarts the server
+    assert result.exit_code == 0, out
+    assert f"pid={warm.stem}" not in out
+    name = (warm.cgroup.v2 or next(iter(warm.cgroup.v1.values()))).name
+    assert out.count(f"/{name}\n") == hierarchies(support), out
+    await trio.to_thread.run_sync(warm.cgroup.remove)
+
+
+async def test_a_stem_moved_out_of_its_group_joins_it_again_before_exec(
+    pool, support, server, tmp_path
+):
+    warm = await pool.take(limit_files(None, None, None), netns=server.netns == "ok")
+    assert warm is not None
+    name = (warm.cgroup.v2 or next(iter(warm.cgroup.v1.values()))).name
+    await await_for(
+        lambda: stem_joined(warm.stem, name, hierarchies(support)), timeout=5, what="joined"
+    )
+    first = Path(warm.cgroup.procs_files[0]).parent
+    (first.parent.parent / "cgroup.procs").write_text(str(warm.stem))  # moved away
+    assert not stem_joined(warm.stem, name, hierarchies(support))
+    result, out = await run(server, tmp_path, job_limits(warm))
+    assert result.exit_code == 0, out
+    assert f"pid={warm.stem}" in out
+    assert out.count(f"/{name}\n") == hierarchies(support), out
+    await trio.to_thread.run_sync(warm.cgroup.remove)
+
+
+async def test_the_server_refuses_to_reap_an_unused_stem(server):
+    pid, token = await server.prestart([], False)
+    with pytest.raises(ForkServerError, match="unused stem"):
+        await server.reap(pid)
+    await server.discard((pid, token))
+    await await_for(lambda: _zombie_or_gone(pid), timeout=5, what="stem discarded")
+    await server.discard((pid, token))  # a second discard is a no-op
+
+
+async def test_a_refill_that_fails_in_any_way_never_ends_the_daemon(support):
+    class Broken:
+        async def prestart(self, *_: object) -> tuple[int, int]:
+            raise RuntimeError("not an OSError")
+
+    warm_pool = WarmPool(support, Broken(), netns=False)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(warm_pool.run)
+        assert warm_pool.failures == 1 and warm_pool.ready == 0
+        nursery.cancel_scope.cancel()
 
 
 async def test_closing_the_pool_kills_spares_and_removes_their_groups(support, server):
