@@ -295,6 +295,11 @@ class Agent:
             if self.cfg.resources.landlock and self.forkserver.landlock_abi > 0
             else "NOT CONFINED (uid and file modes only)"
         )
+        enforced["signals"] = (
+            "own processes only (landlock scope)"
+            if self.cfg.resources.landlock and self.forkserver.landlock_abi >= 6
+            else "NOT SCOPED (any process of the daemon's uid)"
+        )
         enforced["rlimits"] = "nofile, nproc, fsize, core=0; no_new_privs; nice/ionice"
         return enforced
 

@@ -83,6 +83,9 @@ LL_RULE_PATH_BENEATH = 1
 LL_EXECUTE, LL_WRITE_FILE, LL_READ_FILE, LL_READ_DIR = 1, 2, 4, 8
 LL_ALL_V1 = (1 << 13) - 1  # execute .. make_sym
 LL_REFER, LL_TRUNCATE, LL_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
+# ABI 6 (Linux 6.12): no signals to, and no abstract unix sockets of, processes outside
+# the job's own domain (the daemon, the fork server, stems, other jobs).
+LL_SCOPE_ABSTRACT_UNIX_SOCKET, LL_SCOPE_SIGNAL = 1, 2
 LL_READ = LL_EXECUTE | LL_READ_FILE | LL_READ_DIR
 
 SERVER_PID = os.getpid()  # forked children check that their parent is still this process
@@ -150,7 +153,9 @@ def landlock(rules: dict) -> None:
     """Confine the filesystem view: `read` paths read/execute only, `write` paths full access.
 
     Everything else (other jobs' workspaces, the daemon's state, home directories)
-    is out of reach, whatever the uid. Needs PR_SET_NO_NEW_PRIVS first.
+    is out of reach, whatever the uid. From ABI 6 on, the job can also signal and
+    reach abstract unix sockets of its own processes only. Needs
+    PR_SET_NO_NEW_PRIVS first.
     """
     abi = landlock_abi()
     if abi == 0:
@@ -162,9 +167,10 @@ def landlock(rules: dict) -> None:
         handled |= LL_TRUNCATE
     if abi >= 5:
         handled |= LL_IOCTL_DEV
-    attr = struct.pack("QQQ", handled, 0, 0)
+    scoped = LL_SCOPE_ABSTRACT_UNIX_SOCKET | LL_SCOPE_SIGNAL if abi >= 6 else 0
+    attr = struct.pack("QQQ", handled, 0, scoped)  # fs, net (not handled: netns does it), scope
     ruleset = _libc.syscall(
-        LL_CREATE, ctypes.c_char_p(attr), ctypes.c_size_t(8), ctypes.c_uint32(0)
+        LL_CREATE, ctypes.c_char_p(attr), ctypes.c_size_t(24 if abi >= 6 else 8), ctypes.c_uint32(0)
     )
     if ruleset < 0:
         raise OSError(ctypes.get_errno(), "landlock_create_ruleset")

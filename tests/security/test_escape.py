@@ -74,7 +74,7 @@ def sandboxed(request, mock, miner_factory, tmp_path):
 
 def test_sandbox_reports_what_it_enforces(sandboxed, mock):
     miner, sandbox = sandboxed
-    for key in ("tracking", "memory", "cpu", "pids", "network", "filesystem", "rlimits"):
+    for key in ("tracking", "memory", "cpu", "pids", "network", "filesystem", "signals", "rlimits"):
         assert key in sandbox, key
     import httpx
 
@@ -269,6 +269,25 @@ def test_job_inherits_no_descriptor_of_the_daemon_or_fork_server(sandboxed, mock
     assert all(t.startswith("/proc/") for t in extra.values()), extra
     assert not any("socket:" in t for t in fds.values()), fds
     still_serving(mock, "fdleak")
+
+
+def test_job_cannot_signal_the_daemon_or_the_fork_server(sandboxed, mock):
+    """Same uid, so only Landlock's signal scope (ABI 6) stops kill -STOP/-KILL of them."""
+    miner, sandbox = sandboxed
+    if not sandbox["signals"].startswith("own processes"):
+        pytest.skip(f"this kernel cannot scope signals: {sandbox['signals']}")
+    server = psutil.Process(miner.proc.pid).children()[0]
+    script = (
+        f"kill -0 {server.pid}; echo server=$?; kill -STOP {miner.proc.pid}; echo daemon=$?; "
+        "sleep 1 & kill -0 $!; echo own=$?"
+    )
+    job = run(mock, sh("signals", script))
+    assert job["state"] == "succeeded", job["fails"]
+    out = (miner.workspace / "signals" / "logs" / "exec.log").read_text()
+    assert "server=1" in out and "daemon=1" in out, out
+    assert "own=0" in out, out  # its own children it may still signal
+    assert psutil.Process(miner.proc.pid).status() != psutil.STATUS_STOPPED
+    still_serving(mock, "signals")
 
 
 def test_network_false_job_cannot_reach_a_loopback_listener(sandboxed, mock):
