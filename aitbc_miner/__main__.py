@@ -130,6 +130,12 @@ def _probe(cfg) -> int:
         workspace_root=str(cfg.workspace.root),
     )
     print(json.dumps(desc, indent=2))
+    if not usable:  # say why on stderr (stdout stays the JSON): gpu-smoke.sh shows it
+        why = [f"GPU {g.index}: {'MIG mode' if g.mig else g.reason}" for g in gpus]
+        print(
+            f"gpu: none schedulable: {'; '.join(why) or inventory.reason or 'NVML lists none'}",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 

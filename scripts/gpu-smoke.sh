@@ -50,7 +50,10 @@ for g in gpus:
     say(f"GPU {g['index']}: {g['name']} {g['uuid']} {g['vram_mb']} MiB "
         f"pci={g['pci_bus_id']} driver={g['cuda']['driver']} cuda={g['cuda']['version']}")
 if not gpus:
-    say(f"no schedulable GPU visible to NVML: {probe.stderr.strip() or 'none listed'}")
+    # probe's last stderr line says why ("gpu: none schedulable: <reasons>")
+    why = next((ln[5:] for ln in reversed(probe.stderr.splitlines()) if ln.startswith("gpu: ")),
+               probe.stderr.strip() or "none listed")
+    say(f"no schedulable GPU visible to NVML: {why}")
     sys.exit(2)
 by_uuid = {g["uuid"]: g for g in gpus}
 

@@ -106,6 +106,8 @@ def test_the_hardened_unit_leaves_the_job_sandbox_intact(scenario: Scenario) -> 
     assert "cgroup" in str(sandbox.get("TRACKING")), sandbox["MESSAGE"]
     assert "namespace" in str(sandbox.get("NETWORK")), sandbox["MESSAGE"]
     assert "NOT CONFINED" not in str(sandbox.get("FILESYSTEM")), sandbox["MESSAGE"]
+    if "ABI" in str(sandbox.get("FILESYSTEM")) and int(str(sandbox["FILESYSTEM"]).split()[2]) >= 6:
+        assert "own processes" in str(sandbox.get("SIGNALS")), sandbox["MESSAGE"]
 
 
 def test_a_job_completes_and_the_journal_has_its_job_id(scenario: Scenario) -> None:
@@ -133,6 +135,8 @@ def test_health_and_metrics_in_the_box(scenario: Scenario) -> None:
     status, metrics = scenario.box.http("GET", "http://127.0.0.1:9464/metrics")
     assert status == 200
     assert b'aitbc_miner_jobs_total{code="",outcome="done",runner="cli"}' in metrics
+    # Warm starts work under the unit's restrictions (delegated cgroup2, namespaces).
+    assert b'aitbc_miner_job_starts_total{start="warm"}' in metrics, metrics
     promtool, why = find_promtool()
     assert promtool is not None, f"promtool unavailable: {why}"
     checked = check_metrics(promtool, metrics)
