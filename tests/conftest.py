@@ -36,6 +36,19 @@ args:
 
 
 @pytest.fixture
+async def forkserver():
+    """A real fork server (sandbox/forkserver.py) for the test's trio loop."""
+    from aitbc_miner.sandbox.spawner import ForkServer
+
+    server = ForkServer()
+    await server.open()
+    try:
+        yield server
+    finally:
+        await server.aclose()
+
+
+@pytest.fixture
 def mock(tmp_path: Path) -> Iterator[MockCoordinator]:
     coordinator = start_mock(tmp_path / "mock")
     try:

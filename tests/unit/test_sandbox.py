@@ -145,16 +145,6 @@ def test_detect_off_and_required(tmp_path):
 # -- the real fork server -------------------------------------------------------------------
 
 
-@pytest.fixture
-async def forkserver():
-    server = ForkServer()
-    await server.open()
-    try:
-        yield server
-    finally:
-        await server.aclose()
-
-
 async def run_with(server: ForkServer, tmp_path: Path, script: str, limits: dict):
     log = tmp_path / "exec.log"
     result = await run_process(

@@ -31,13 +31,8 @@ def support() -> CgroupSupport:
 
 
 @pytest.fixture
-async def server():
-    fs = ForkServer()
-    await fs.open()
-    try:
-        yield fs
-    finally:
-        await fs.aclose()
+def server(forkserver: ForkServer) -> ForkServer:
+    return forkserver
 
 
 @pytest.fixture
