@@ -316,7 +316,7 @@ def _place(source: Path, dest: Path, *, link: bool) -> None:
         os.close(src)
 
 
-# -- glue for jobs.py ------------------------------------------------------------------------
+# -- glue for jobs/ --------------------------------------------------------------------------
 
 
 def open_cache(root: Path, max_gb: float, pinned: Iterable[str], metrics: Any) -> ModelCache | None:

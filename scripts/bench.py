@@ -1121,7 +1121,7 @@ FEATURES: dict[str, set[str]] = {
     "fs+landlock": {"landlock"},
     "fs+rlimits+cgroup": {"rlimits", "cgroup"},
     "full-cold": {"rlimits", "netns", "landlock", "cgroup"},
-    # What jobs.py does: take a warm start (cgroups joined, netns entered ahead of time).
+    # What aitbc_miner/jobs does: take a warm start (cgroups joined, netns entered ahead of time).
     "full": {"rlimits", "netns", "landlock", "cgroup", "warm"},
 }
 HEADLINE = ("direct", "forkserver", "full", "full-cold")
@@ -1167,7 +1167,7 @@ async def sandbox_bench(tmp: Path, n: int, rounds: int) -> dict[str, Any]:
         )
 
     async def one(kind: str) -> tuple[float, float]:
-        """(start, cycle) of run_process(/bin/true), with the cgroup work jobs.py does.
+        """(start, cycle) of run_process(/bin/true), with the cgroup work aitbc_miner/jobs does.
 
         start: until the job's program is exec'd (both spawners return only then),
         its cgroup made or taken first. cycle: until it is reaped and its group removed.
