@@ -19,7 +19,7 @@ import json, os, subprocess, sys, tempfile, time
 from pathlib import Path
 
 from tests.support import fake_nvml
-from tests.support.minerproc import start_miner
+from tests.support.minerproc import DEV_CONFIG, start_miner
 from tests.support.mockproc import start_mock
 from tests.support.wait import wait_for
 
@@ -37,10 +37,12 @@ def say(msg):
     print(f"gpu-smoke: {msg}", flush=True)
 
 
-# 1. probe: what NVML shows, through the miner's own inventory code.
+# 1. probe: what NVML shows, through the miner's own inventory code, with the settings
+# the miner below gets (the dev config, no AITBC_MINER_* from the caller's shell).
+probe_env = {k: v for k, v in os.environ.items() if not k.startswith("AITBC_MINER_")}
 probe = subprocess.run(
-    [sys.executable, "-m", launcher, "probe"],
-    env={**os.environ, **extra_env}, capture_output=True, text=True, check=False,
+    [sys.executable, "-m", launcher, "probe", "--config", str(DEV_CONFIG)],
+    env={**probe_env, **extra_env}, capture_output=True, text=True, check=False,
 )
 if probe.returncode != 0:
     say(f"probe failed ({probe.returncode}): {probe.stderr.strip()}")

@@ -70,6 +70,17 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _without_overridden(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`base` less the values `over` replaces (so a replaced `env:NAME` is never resolved)."""
+    out = {}
+    for key, value in base.items():
+        if key not in over:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(over[key], dict):
+            out[key] = _without_overridden(value, over[key])
+    return out
+
+
 def load_config(
     path: str | os.PathLike[str] | None,
     environ: Mapping[str, str] | None = None,
@@ -102,7 +113,7 @@ def load_config(
         }
     failed: set[str] = set()
     from_env: dict[str, str] = {}
-    raw = _substitute(raw, environ, (), problems, failed, from_env)
+    raw = _substitute(_without_overridden(raw, overrides), environ, (), problems, failed, from_env)
     overrides = _substitute(overrides, environ, (), problems, failed, from_env)
     _resolve_paths(raw, base)
     _resolve_paths(overrides, os.getcwd())

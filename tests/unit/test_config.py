@@ -209,6 +209,22 @@ def test_env_override_of_auth_token_needs_no_miner_auth(tmp_path: Path, machine_
     assert cfg.coordinator.auth_token.get_secret_value() == TOKEN
 
 
+def test_an_overridden_env_reference_in_the_file_is_not_resolved(
+    tmp_path: Path, machine_id: str
+) -> None:
+    """`aitbc-miner probe --config /etc/aitbc/miner/config.yaml` without MINER_AUTH."""
+    path = tmp_path / "config.yaml"
+    path.write_text('coordinator: {auth_token: "env:MINER_AUTH"}\nlogging: {level: "env:NOPE"}\n')
+    env = {"AITBC_MINER_COORDINATOR__AUTH_TOKEN": TOKEN, "AITBC_MINER_LOGGING": '{"level": "info"}'}
+    cfg = load_config(path, env, machine_id_path=machine_id)  # no MINER_AUTH, no NOPE
+    assert cfg.coordinator.auth_token.get_secret_value() == TOKEN
+    assert cfg.logging.level == "info"
+    with pytest.raises(ConfigError, match="NOPE"):  # a reference nothing replaces: still an error
+        load_config(
+            path, {"AITBC_MINER_COORDINATOR__AUTH_TOKEN": TOKEN}, machine_id_path=machine_id
+        )
+
+
 def test_os_environ_is_not_read_when_environ_is_given(monkeypatch, machine_id: str) -> None:
     monkeypatch.setenv("AITBC_MINER_HEARTBEAT__INTERVAL_S", "99")
     monkeypatch.setenv("MINER_AUTH", "from-os-environ")
