@@ -33,9 +33,12 @@ class Wiring(AgentParts):
 
     def sandbox_status(self) -> dict[str, Any]:
         enforced = dict(self.sandbox.enforced())
-        enforced["network"] = (
-            "private namespace (loopback only)" if self.forkserver.netns == "ok" else "NOT ISOLATED"
-        )
+        if self.forkserver.netns == "ok":
+            enforced["network"] = "private namespace (loopback only)"
+        elif self.cfg.resources.landlock and self.forkserver.landlock_abi >= 4:
+            enforced["network"] = "TCP only (landlock: no TCP connect/bind; UDP still open)"
+        else:
+            enforced["network"] = "NOT ISOLATED"
         enforced["filesystem"] = (
             f"landlock ABI {self.forkserver.landlock_abi} (own workspace + system dirs)"
             if self.cfg.resources.landlock and self.forkserver.landlock_abi > 0
@@ -68,8 +71,13 @@ class Wiring(AgentParts):
         if self.forkserver.netns != "ok":
             log.warning(
                 "network_isolation_unavailable",
-                detail="jobs whose allowlist entry says network: false will still reach the "
-                "network: this host allows neither user nor network namespaces",
+                detail="this host allows neither user nor network namespaces: jobs whose "
+                "allowlist entry says network: false "
+                + (
+                    "cannot use TCP (Landlock) but can still send UDP"
+                    if status["network"].startswith("TCP only")
+                    else "will still reach the network"
+                ),
             )
 
     def _job_context(self, downloads: httpx.AsyncClient) -> JobContext:
@@ -100,6 +108,7 @@ class Wiring(AgentParts):
             ),
             netns=self.forkserver.netns == "ok",
             landlock=self.cfg.resources.landlock and self.forkserver.landlock_abi > 0,
+            landlock_abi=self.forkserver.landlock_abi,
             python_read=python_read_paths(self.cfg),
             cache=open_cache(
                 self.cfg.cache.root, self.cfg.cache.max_gb, self.cfg.cache.pinned, self.metrics

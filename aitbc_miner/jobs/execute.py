@@ -28,7 +28,7 @@ from ..manifest import Manifest
 from ..probe import disk_free_mb
 from ..runners.base import ProcessResult, Spawn, run_process
 from ..sandbox.cgroups import JobCgroup, limit_files
-from ..sandbox.limits import landlock_rules, process_limits
+from ..sandbox.limits import landlock_rules, process_limits, tcp_fallback
 from ..workspace import MIB
 from .checks import cancel_failure
 from .model import JobContext, JobHandle, JobParts, Plan, utcnow
@@ -82,7 +82,12 @@ class Execution(JobParts):
     def _landlock(self, plan: Plan) -> dict[str, Any]:
         if not self.ctx.landlock or self.ws is None:
             return {}
-        return {"landlock": landlock_rules(str(self.ws.path), list(plan.read_paths))}
+        deny_tcp = tcp_fallback(
+            network=plan.network, netns=self.ctx.netns, landlock_abi=self.ctx.landlock_abi
+        )
+        return {
+            "landlock": landlock_rules(str(self.ws.path), list(plan.read_paths), deny_tcp=deny_tcp)
+        }
 
     async def _make_cgroup(self, plan: Plan) -> None:
         support = self.ctx.sandbox

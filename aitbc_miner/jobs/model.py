@@ -83,6 +83,7 @@ class JobContext:
     limit_policy: LimitPolicy = field(default_factory=LimitPolicy)
     netns: bool = False  # private network namespaces work here (else jobs keep the network)
     landlock: bool = False  # Landlock confines each job's filesystem view
+    landlock_abi: int = 0  # the kernel's Landlock ABI (>= 4: TCP, >= 6: signal scoping)
     python_read: tuple[str, ...] = ()  # interpreter, venv, task host, task paths (python jobs)
 
     @property

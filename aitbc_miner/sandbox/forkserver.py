@@ -86,6 +86,8 @@ LL_REFER, LL_TRUNCATE, LL_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
 # ABI 6 (Linux 6.12): no signals to, and no abstract unix sockets of, processes outside
 # the job's own domain (the daemon, the fork server, stems, other jobs).
 LL_SCOPE_ABSTRACT_UNIX_SOCKET, LL_SCOPE_SIGNAL = 1, 2
+# ABI 4 (Linux 6.7): TCP bind/connect, handled without rules = denied.
+LL_NET_BIND_TCP, LL_NET_CONNECT_TCP = 1, 2
 LL_READ = LL_EXECUTE | LL_READ_FILE | LL_READ_DIR
 
 SERVER_PID = os.getpid()  # forked children check that their parent is still this process
@@ -168,9 +170,14 @@ def landlock(rules: dict) -> None:
     if abi >= 5:
         handled |= LL_IOCTL_DEV
     scoped = LL_SCOPE_ABSTRACT_UNIX_SOCKET | LL_SCOPE_SIGNAL if abi >= 6 else 0
-    attr = struct.pack("QQQ", handled, 0, scoped)  # fs, net (not handled: netns does it), scope
+    # TCP only when asked (no network namespace on this host); a netns does it better.
+    net = LL_NET_BIND_TCP | LL_NET_CONNECT_TCP if rules.get("deny_tcp") and abi >= 4 else 0
+    if rules.get("deny_tcp") and not net:
+        raise OSError(errno.ENOSYS, "landlock cannot restrict TCP on this kernel (ABI < 4)")
+    attr = struct.pack("QQQ", handled, net, scoped)  # fs, net, scope
+    size = 24 if abi >= 6 else 16 if abi >= 4 else 8
     ruleset = _libc.syscall(
-        LL_CREATE, ctypes.c_char_p(attr), ctypes.c_size_t(24 if abi >= 6 else 8), ctypes.c_uint32(0)
+        LL_CREATE, ctypes.c_char_p(attr), ctypes.c_size_t(size), ctypes.c_uint32(0)
     )
     if ruleset < 0:
         raise OSError(ctypes.get_errno(), "landlock_create_ruleset")

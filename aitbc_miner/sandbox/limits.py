@@ -75,11 +75,25 @@ SYSTEM_READ = (
 SYSTEM_WRITE = ("/dev",)
 
 
-def landlock_rules(job_dir: str, extra_read: list[str]) -> dict[str, list[str]]:
+def landlock_rules(
+    job_dir: str, extra_read: list[str], *, deny_tcp: bool = False
+) -> dict[str, Any]:
     """The filesystem view of a job: its own work/ and output/ writable, its
     input/ and task spec readable, the system read-only; nothing else (other
-    jobs, the daemon's state and logs, home directories, /tmp)."""
-    return {
+    jobs, the daemon's state and logs, home directories, /tmp). `deny_tcp`:
+    no TCP bind or connect at all (see `tcp_fallback`)."""
+    rules: dict[str, Any] = {
         "read": [*SYSTEM_READ, f"{job_dir}/input", f"{job_dir}/task.json", *extra_read],
         "write": [f"{job_dir}/work", f"{job_dir}/output", *SYSTEM_WRITE],
     }
+    if deny_tcp:
+        rules["deny_tcp"] = True
+    return rules
+
+
+def tcp_fallback(*, network: bool, netns: bool, landlock_abi: int) -> bool:
+    """Whether a job's TCP must be denied by Landlock: it may not use the network,
+    this host cannot give it a private network namespace, and Landlock (ABI >= 4)
+    can restrict TCP. (UDP and other protocols stay open: only a netns closes them;
+    a netns keeps loopback, which Landlock cannot tell apart.)"""
+    return not network and not netns and landlock_abi >= 4

@@ -8,12 +8,14 @@ memory and pids controllers, a private network namespace and Landlock.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -290,12 +292,13 @@ def test_job_cannot_signal_the_daemon_or_the_fork_server(sandboxed, mock):
     still_serving(mock, "signals")
 
 
-def test_network_false_job_cannot_reach_a_loopback_listener(sandboxed, mock):
+@contextlib.contextmanager
+def loopback_listener() -> Iterator[tuple[int, list[object]]]:
+    """A TCP listener on 127.0.0.1: (port, connections it accepted)."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(5)
     server.settimeout(0.2)
-    port = server.getsockname()[1]
     accepted: list[object] = []
     stop = threading.Event()
 
@@ -310,18 +313,47 @@ def test_network_false_job_cannot_reach_a_loopback_listener(sandboxed, mock):
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     try:
-        script = (
-            "exec python3 -c \"import socket; socket.create_connection(('127.0.0.1', "
-            f"{port}), timeout=3); print('CONNECTED')\""
-        )
-        job = run(mock, sh("netjob", script))
-        assert code(job) == "E_EXIT"
-        assert "CONNECTED" not in job["fails"][-1]["logs_tail"]
-        assert accepted == []
+        yield server.getsockname()[1], accepted
     finally:
         stop.set()
         thread.join(2)
         server.close()
+
+
+def connect_script(port: int) -> str:
+    return (
+        "exec python3 -c \"import socket; socket.create_connection(('127.0.0.1', "
+        f"{port}), timeout=3); print('CONNECTED')\""
+    )
+
+
+def test_network_false_job_cannot_reach_a_loopback_listener(sandboxed, mock):
+    with loopback_listener() as (port, accepted):
+        job = run(mock, sh("netjob", connect_script(port)))
+        assert code(job) == "E_EXIT"
+        assert "CONNECTED" not in job["fails"][-1]["logs_tail"]
+        assert accepted == []
+
+
+def test_without_namespaces_network_false_still_blocks_tcp(mock, miner_factory):
+    """On a host without user/network namespaces, Landlock (ABI >= 4) denies TCP."""
+    miner = miner_factory(mock, launcher="tests.support.no_netns_launcher")
+    sandbox = miner.wait_event("sandbox")
+    if not sandbox["network"].startswith("TCP only"):
+        pytest.skip(f"Landlock cannot restrict TCP here: {sandbox['network']}")
+    assert miner.find("network_isolation_unavailable"), "the operator is not told"
+    with loopback_listener() as (port, accepted):
+        job = run(mock, sh("netjob-nons", connect_script(port)))
+        assert code(job) == "E_EXIT", job
+        assert "PermissionError" in job["fails"][-1]["logs_tail"]
+        assert accepted == []
+    # Proof that it ran in the host's network (no namespace): it sees the host's interfaces.
+    job = run(mock, sh("ifaces-nons", "cat /proc/net/dev"))
+    assert job["state"] == "succeeded"
+    dev = (miner.workspace / "ifaces-nons" / "logs" / "exec.log").read_text()
+    names = {line.split(":")[0].strip() for line in dev.splitlines()[2:] if ":" in line}
+    assert names - {"lo"}, dev
+    still_serving(mock, "nons")
 
 
 def _work_dir_of(proc: psutil.Process) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import resource
+import socket
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from aitbc_miner.sandbox.cgroups import (
     detect,
     limit_files,
 )
-from aitbc_miner.sandbox.limits import LimitPolicy, landlock_rules, process_limits
+from aitbc_miner.sandbox.limits import LimitPolicy, landlock_rules, process_limits, tcp_fallback
 from aitbc_miner.sandbox.spawner import ForkServer, ForkServerError
 
 MIB = 1024 * 1024
@@ -73,6 +74,20 @@ def test_landlock_rules_expose_only_the_jobs_own_dirs():
     assert not any(
         p in ("/ws", "/ws/j1", "/tmp", "/root", "/home") for p in rules["read"] + rules["write"]
     )
+
+
+@pytest.mark.parametrize(
+    ("network", "netns", "abi", "deny"),
+    [
+        (False, False, 4, True),  # the only case: no namespace here, Landlock can do TCP
+        (False, False, 3, False),  # Landlock too old: nothing to do (reported NOT ISOLATED)
+        (False, True, 7, False),  # a private netns already isolates, loopback included
+        (True, False, 7, False),  # the job may use the network
+    ],
+)
+def test_tcp_is_denied_by_landlock_only_where_no_netns_can_isolate(network, netns, abi, deny):
+    assert tcp_fallback(network=network, netns=netns, landlock_abi=abi) is deny
+    assert ("deny_tcp" in landlock_rules("/ws/j", [], deny_tcp=deny)) is deny
 
 
 # -- cgroup backend over an imitation of cgroupfs ---------------------------------------------
@@ -233,6 +248,42 @@ async def test_forkserver_landlock_confines_the_filesystem(forkserver, tmp_path)
     assert result.exit_code == 0
     assert "s3cret" not in out and "rc1=1" in out and "rc2=0" not in out and "rc3=0" in out
     assert not (job / "outside").exists() and (job / "work" / "inside").exists()
+
+
+async def test_forkserver_landlock_denies_tcp_when_asked(forkserver, tmp_path):
+    if forkserver.landlock_abi < 4:
+        pytest.skip(f"Landlock ABI {forkserver.landlock_abi} cannot restrict TCP")
+    job = tmp_path / "job"
+    for sub in ("work", "output", "input"):
+        (job / sub).mkdir(parents=True)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    script = (
+        "import socket\ntry:\n"
+        f"    socket.create_connection(('127.0.0.1', {port}), timeout=3); print('CONNECTED')\n"
+        "except OSError as exc:\n    print('REFUSED', type(exc).__name__)\n"
+    )
+    outputs = {}
+    try:
+        for deny in (True, False):
+            log = tmp_path / f"exec-{deny}.log"
+            await run_process(
+                Spawn(
+                    ["/usr/bin/python3", "-c", script],
+                    job / "work",
+                    {"PATH": "/usr/bin:/bin"},
+                    log,
+                    10,
+                    limits={"landlock": landlock_rules(str(job), [], deny_tcp=deny)},
+                ),
+                cancel=trio.Event(),
+                spawner=forkserver,
+            )
+            outputs[deny] = log.read_text()
+    finally:
+        listener.close()
+    assert "REFUSED PermissionError" in outputs[True], outputs
+    assert "CONNECTED" in outputs[False], outputs  # the same job, TCP allowed
 
 
 async def test_forkserver_reports_exec_failure(forkserver, tmp_path):
