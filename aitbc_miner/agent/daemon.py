@@ -31,7 +31,7 @@ from ..gpu import GpuInfo, GpuInventory
 from ..health import serve_health
 from ..jobs import JobHandle
 from ..metrics import Metrics
-from ..sandbox.cgroups import detect
+from ..sandbox.cgroups import detect, remove_stale
 from ..sandbox.spawner import ForkServer
 from ..sandbox.warm import WarmPool
 from .drain import Draining
@@ -238,6 +238,8 @@ class Agent(Registration, Pulling, Recovering, GpuClaims, Draining, Wiring):
                     )
                     await self.forkserver.open()
                     self._log_sandbox()
+                    if self.sandbox.active:  # groups a crashed daemon left behind, if empty
+                        await trio.to_thread.run_sync(remove_stale, self.sandbox)
                     if self.sandbox.active and self.cfg.resources.warm_starts:
                         slots = self.cfg.resources.max_concurrent_cpu + self.gpu_capacity
                         self.warm = WarmPool(

@@ -13,17 +13,26 @@ fork). The pure limit computation is `limit_files()`.
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import signal
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import structlog
 
 log = structlog.get_logger(__name__)
 
 BASE_NAME = "aitbc-miner.jobs"
+# Every group a daemon makes ends in ".<its pid>-<token>", so the next daemon can tell
+# the leftovers of a dead one (a crash between making a group and recording it) from
+# the groups of another live daemon sharing the hierarchy. See `remove_stale`.
+_TOKEN = secrets.token_hex(3)
+LIVE_TOKENS: set[str] = {_TOKEN}  # tokens in use by this process (its pools add theirs)
+_OWNER_RE = re.compile(r"(\d+)-([0-9a-f]{6})")
 WANTED = ("memory", "cpu", "pids")
 CPU_PERIOD_US = 100_000
 
@@ -197,7 +206,7 @@ class JobCgroup:
     def create(
         cls, support: CgroupSupport, job_id: str, attempt: int, files: dict[str, dict[str, str]]
     ) -> JobCgroup:
-        group = cls.make(support, f"{job_id}.a{attempt}.{uuid.uuid4().hex[:8]}")
+        group = cls.make(support, f"{job_id}.a{attempt}.{uuid.uuid4().hex[:6]}.{owner_tag()}")
         try:
             group.apply(files)
         except OSError:
@@ -335,3 +344,45 @@ def _counter(path: Path, key: str) -> int:
         if len(parts) == 2 and parts[0] == key and parts[1].isdigit():
             return int(parts[1])
     return 0
+
+
+def owner_tag(token: str = _TOKEN) -> str:
+    """The suffix that marks a group as this process's."""
+    return f"{os.getpid()}-{token}"
+
+
+def remove_stale(support: CgroupSupport) -> int:
+    """Remove the empty groups of daemons that are gone; returns how many.
+
+    Gone: its pid is not running, or it is our own pid (a restart in a fresh pid
+    namespace often gets the same one) with a token this process does not use.
+    A group that still holds processes is kept: recovery kills a recorded job's.
+    """
+    removed = 0
+    bases = ([support.v2_base] if support.v2_base else []) + list(support.v1_bases.values())
+    for base in bases:
+        try:
+            names = [e.name for e in os.scandir(base) if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue
+        for name in names:
+            if not _stale(name):
+                continue
+            try:
+                (base / name).rmdir()
+                removed += 1
+            except OSError as exc:
+                log.debug("cgroup_stale_kept", cgroup=str(base / name), error=str(exc))
+    if removed:
+        log.info("cgroup_stale_removed", groups=removed)
+    return removed
+
+
+def _stale(name: str) -> bool:
+    owner = _OWNER_RE.fullmatch(name.rsplit(".", 1)[-1])
+    if owner is None:
+        return False  # not a name of ours: not ours to judge
+    pid, token = int(owner.group(1)), owner.group(2)
+    if pid == os.getpid():
+        return token not in LIVE_TOKENS
+    return not psutil.pid_exists(pid)

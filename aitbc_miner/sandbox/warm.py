@@ -9,23 +9,22 @@ server child that has already joined it and entered its namespace) waiting.
 A job takes one, writes its own limits into the group and hands the stem its
 argv; only rlimits, Landlock and exec remain on its start path.
 
-Spare groups are named `warm-<daemon pid>-<token>-<n>`. A daemon that crashed
-leaves its (then empty) spares behind; the next one removes them at start,
-leaving alone those of other live daemons sharing the hierarchy.
+Spare groups are named `warm-<n>.<daemon pid>-<token>` (cgroups.owner_tag). A
+daemon that crashed leaves its (then empty) spares behind; the next one removes
+them at start (cgroups.remove_stale), leaving alone those of other live daemons
+sharing the hierarchy.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import secrets
 from dataclasses import dataclass
 
-import psutil
 import structlog
 import trio
 
-from .cgroups import CgroupSupport, JobCgroup
+from .cgroups import LIVE_TOKENS, CgroupSupport, JobCgroup, owner_tag
 from .spawner import ForkServer, StemRef
 
 log = structlog.get_logger(__name__)
@@ -62,7 +61,7 @@ class WarmPool:
         self._ready: list[Warm] = []
         self._wanted = trio.Event()
         self._token = secrets.token_hex(3)
-        _LIVE_TOKENS.add(self._token)
+        LIVE_TOKENS.add(self._token)
         self._seq = itertools.count()
         self.failures = 0
 
@@ -72,7 +71,6 @@ class WarmPool:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Refill forever (until cancelled); `started` once the first spare is ready or failed."""
-        await trio.to_thread.run_sync(remove_stale, self._support)
         started = False
         try:
             while True:
@@ -97,7 +95,7 @@ class WarmPool:
                 await self.aclose()
 
     async def _make(self) -> Warm:
-        name = f"{PREFIX}{os.getpid()}-{self._token}-{next(self._seq)}"
+        name = f"{PREFIX}{next(self._seq)}.{owner_tag(self._token)}"
         group = await trio.to_thread.run_sync(JobCgroup.make, self._support, name)
         try:
             pid, token = await self._server.prestart(group.procs_files, self._netns)
@@ -143,45 +141,6 @@ class WarmPool:
         for warm in ready:
             try:
                 await self.drop(warm)
-            except OSError as exc:  # the group stays; a later start removes it (remove_stale)
+            except OSError as exc:  # the group stays; a later start removes it
                 log.warning("warm_drop_failed", stem=warm.stem, error=str(exc))
-        _LIVE_TOKENS.discard(self._token)
-
-
-def remove_stale(support: CgroupSupport) -> int:
-    """Remove the empty spare groups of daemons that are gone; returns how many.
-
-    Gone: its pid is not running, or it is our own pid (a restart in a fresh pid
-    namespace often gets the same one) with a token no pool of ours holds.
-    """
-    removed = 0
-    bases = ([support.v2_base] if support.v2_base else []) + list(support.v1_bases.values())
-    for base in bases:
-        try:
-            names = [e.name for e in os.scandir(base) if e.name.startswith(PREFIX)]
-        except OSError:
-            continue
-        for name in names:
-            if not _stale(name):
-                continue
-            try:
-                (base / name).rmdir()
-                removed += 1
-            except OSError as exc:  # not empty: a job's stragglers, recovery kills them
-                log.debug("warm_stale_kept", cgroup=str(base / name), error=str(exc))
-    if removed:
-        log.info("warm_stale_removed", groups=removed)
-    return removed
-
-
-_LIVE_TOKENS: set[str] = set()  # tokens of this process's pools
-
-
-def _stale(name: str) -> bool:
-    parts = name[len(PREFIX) :].split("-")
-    if len(parts) != 3 or not parts[0].isdigit():
-        return False  # not ours to judge
-    pid, token = int(parts[0]), parts[1]
-    if pid == os.getpid():
-        return token not in _LIVE_TOKENS
-    return not psutil.pid_exists(pid)
+        LIVE_TOKENS.discard(self._token)

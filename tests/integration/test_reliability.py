@@ -11,6 +11,9 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
+
+from aitbc_miner.sandbox.cgroups import JobCgroup, detect
 from tests.support.jobs import pid_gone as gone
 from tests.support.jobs import sh_job
 from tests.support.jobs import wait_final as final
@@ -173,6 +176,28 @@ def test_corrupt_state_is_quarantined_and_startup_goes_on(mock, tmp_path, miner_
     assert len(list((root / ".quarantine").iterdir())) == 2
     mock.admin.enqueue(sh_job("after-q", "true"), retry=False)
     assert final(mock, "after-q")["state"] == "succeeded"
+
+
+def test_empty_groups_a_crashed_daemon_left_are_removed_at_start(mock, miner_factory):
+    """A crash between making a job's cgroup and recording it leaves an empty group."""
+    support = detect("auto")
+    if not support.active:
+        pytest.skip(f"no writable cgroup here ({support.reason})")
+    dead = 4_000_000
+    while Path(f"/proc/{dead}").exists():
+        dead -= 1
+    leftovers = [
+        JobCgroup.make(support, f"lost-1.a1.0a1b2c.{dead}-abcdef"),
+        JobCgroup.make(support, f"warm-0.{dead}-abcdef"),
+    ]
+    try:
+        miner_factory(mock).wait_event("cgroup_stale_removed")
+        for group in leftovers:
+            for path in [group.v2, *group.v1.values()]:
+                assert path is None or not path.exists(), path
+    finally:
+        for group in leftovers:
+            group.remove()
 
 
 # -- drain -------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -97,7 +98,8 @@ def test_jobs_start_inside_the_groups_recorded_for_them(sandboxed, mock):
     name = Path(recorded).name
     kind = "warm" if miner.env["AITBC_MINER_RESOURCES__WARM_STARTS"] == "true" else "cold"
     warm = kind == "warm"
-    assert name.startswith(f"warm-{miner.proc.pid}-" if warm else "grp-1.a"), recorded
+    assert name.startswith("warm-" if warm else "grp-1.a"), recorded
+    assert re.search(rf"\.{miner.proc.pid}-[0-9a-f]{{6}}$", name), recorded  # the owner tag
     assert f"/{name}\n" in groups, groups  # the recorded group, where recovery would look
     import httpx
 

@@ -14,9 +14,16 @@ import pytest
 import trio
 
 from aitbc_miner.runners.base import Spawn, run_process
-from aitbc_miner.sandbox.cgroups import CgroupSupport, JobCgroup, detect, limit_files
+from aitbc_miner.sandbox.cgroups import (
+    CgroupSupport,
+    JobCgroup,
+    detect,
+    limit_files,
+    owner_tag,
+    remove_stale,
+)
 from aitbc_miner.sandbox.spawner import ForkServer, ForkServerError
-from aitbc_miner.sandbox.warm import PREFIX, WarmPool, remove_stale
+from aitbc_miner.sandbox.warm import PREFIX, WarmPool
 from tests.support.wait import await_for
 
 SCRIPT = "echo pid=$$; cat /proc/self/cgroup; cat /proc/net/dev; ls -l /proc/self/fd"
@@ -83,7 +90,7 @@ async def test_the_stem_is_in_its_groups_before_the_job_exists_and_becomes_the_j
     warm = await pool.take(limit_files(256, None, 64), netns=server.netns == "ok")
     assert warm is not None
     name = warm.cgroup.v2.name if warm.cgroup.v2 else next(iter(warm.cgroup.v1.values())).name
-    assert name.startswith(f"{PREFIX}{os.getpid()}-")
+    assert name.startswith(PREFIX) and name.endswith(f".{os.getpid()}-{pool._token}")
     await await_for(
         lambda: stem_joined(warm.stem, name, hierarchies(support)), timeout=5, what="stem joined"
     )
@@ -182,7 +189,7 @@ async def test_a_stem_killed_from_outside_falls_back_to_a_cold_start(
 async def test_a_stem_that_failed_its_setup_is_not_used_the_job_starts_cold(
     support, server, tmp_path
 ):
-    name = f"{PREFIX}{os.getpid()}-test00-{os.urandom(3).hex()}"
+    name = f"{PREFIX}t0.{os.getpid()}-{os.urandom(3).hex()}"
     bases = ([support.v2_base] if support.v2_base else []) + list(support.v1_bases.values())
     procs = [str(base / name / "cgroup.procs") for base in bases]
     pid, token = await server.prestart(procs, False)  # its groups do not exist yet
@@ -202,7 +209,7 @@ async def test_a_stopped_stem_cannot_stall_the_server(support, tmp_path):
     fs = ForkServer(exec_timeout_s=1.0)
     await fs.open()
     try:
-        group = JobCgroup.make(support, f"{PREFIX}{os.getpid()}-test01-{os.urandom(3).hex()}")
+        group = JobCgroup.make(support, f"{PREFIX}t1.{os.getpid()}-{os.urandom(3).hex()}")
         pid, token = await fs.prestart(group.procs_files, False)
         name = (group.v2 or next(iter(group.v1.values()))).name
         await await_for(
@@ -290,24 +297,26 @@ async def test_closing_the_pool_kills_spares_and_removes_their_groups(support, s
             assert path is None or not path.exists(), path
 
 
-def test_stale_spares_of_gone_daemons_are_removed(tmp_path):
+def test_stale_groups_of_gone_daemons_are_removed(tmp_path):
     base = tmp_path / "jobs"
     base.mkdir()
-    own = os.getpid()
-    dead = _dead_pid()
+    own, dead = os.getpid(), _dead_pid()
+    mine = owner_tag()  # this process's live token
     names = {
-        f"{PREFIX}{dead}-aaaaaa-0": False,  # its daemon is gone: removed
-        f"{PREFIX}{own}-bbbbbb-3": False,  # our pid, but no pool of ours: an earlier life
-        f"{PREFIX}1-cccccc-0": True,  # a live daemon's (pid 1 always runs)
-        f"{PREFIX}{dead}-dddddd-1": True,  # not empty: a job's stragglers are recovery's
-        "job-7.a1.0123abcd": True,  # a job's group: never touched here
+        f"{PREFIX}0.{dead}-aaaaaa": False,  # a spare of a daemon that is gone
+        f"job-1.a1.0a1b2c.{dead}-aaaaaa": False,  # a job group it made but never recorded
+        f"{PREFIX}3.{own}-bbbbbb": False,  # our pid but no token of ours: an earlier life
+        f"job-2.a1.0a1b2c.{mine}": True,  # ours, in use
+        f"{PREFIX}0.1-cccccc": True,  # a live daemon's (pid 1 always runs)
+        f"job-3.a1.0a1b2c.{dead}-dddddd": True,  # not empty: a job's stragglers, recovery's
+        "job-7.a1.0123abcd": True,  # an older name without an owner: not ours to judge
         f"{PREFIX}garbage": True,
     }
     for name in names:
         (base / name).mkdir()
-    (base / f"{PREFIX}{dead}-dddddd-1" / "cgroup.procs").write_text("")
+    (base / f"job-3.a1.0a1b2c.{dead}-dddddd" / "cgroup.procs").write_text("")
     support = CgroupSupport(v2_base=base)
-    assert remove_stale(support) == 2
+    assert remove_stale(support) == 3
     for name, kept in names.items():
         assert (base / name).exists() == kept, name
 
