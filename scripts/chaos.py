@@ -78,9 +78,28 @@ def make_jobs(n: int, rng: random.Random) -> dict[str, dict]:
     return jobs
 
 
+def leftover_cgroups(daemon_pids: list[int]) -> list[str]:
+    """Job cgroups of these (now stopped) daemons that still exist: a clean stop
+    removes its own, the next start removes those of a killed one (their names end
+    in ".<daemon pid>-<token>", sandbox/cgroups.py)."""
+    sys.path.insert(0, str(REPO))
+    from aitbc_miner.sandbox.cgroups import detect
+
+    support = detect("auto")
+    bases = ([support.v2_base] if support.v2_base else []) + list(support.v1_bases.values())
+    tags = tuple(f".{pid}-" for pid in daemon_pids)
+    found = []
+    for base in bases:
+        for entry in os.scandir(base):
+            if entry.is_dir() and any(t in entry.name for t in tags):
+                found.append(str(Path(base) / entry.name))
+    return found
+
+
 class Miner:
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.env, self.log, self.proc = env, log, None
+        self.pids: list[int] = []  # every daemon started (their cgroups carry the pid)
 
     def start(self) -> None:
         with open(self.log, "ab") as fh:
@@ -98,6 +117,7 @@ class Miner:
                 env=self.env,
                 cwd=REPO,
             )
+        self.pids.append(self.proc.pid)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -268,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                     if hashlib.sha256(data).hexdigest() != spec["sha256"]:
                         wrong_sha.append(job_id)
         orphans = job_processes(tmp / "miner" / "jobs")
+        left_groups = leftover_cgroups(miner.pids)
         unfinished_ws = []
         root = tmp / "miner" / "jobs"
         for state_file in root.glob("*/state.json"):
@@ -297,12 +318,21 @@ def main(argv: list[str] | None = None) -> int:
             "wrong_sha256": len(wrong_sha),
             "wrong_outcome": len(wrong_outcome),
             "orphans": len(orphans),
+            "leftover_cgroups": len(left_groups),
             "non_final_workspaces": len(unfinished_ws),
             "last_exit_code": last_exit,
             "seconds": round(elapsed, 1),
         }
         ok = (
-            not (lost or duplicated or wrong_sha or wrong_outcome or orphans or unfinished_ws)
+            not (
+                lost
+                or duplicated
+                or wrong_sha
+                or wrong_outcome
+                or orphans
+                or left_groups
+                or unfinished_ws
+            )
             and last_exit == 0
         )
         print("\n== chaos ==")
@@ -314,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             ("wrong sha256", wrong_sha),
             ("wrong outcome", wrong_outcome),
             ("orphans", [p.pid for p in orphans]),
+            ("leftover cgroups", left_groups),
             ("non-final workspaces", unfinished_ws),
         ):
             if items:
