@@ -65,7 +65,7 @@ class Wiring(AgentParts):
                 "cgroup_moves_slow",
                 detail="moving a process into a cgroup waits ~10-20 ms for the kernel here; "
                 "job starts are prepared ahead so jobs do not wait, except cold starts "
-                "(network: true jobs, more jobs at once than spares). Mount cgroup2 with "
+                "(the first network: true job, more jobs at once than spares). Mount cgroup2 with "
                 "favordynmods (or boot with cgroup_favordynmods=true) to make it ~0.3 ms",
             )
         if self.forkserver.netns != "ok":

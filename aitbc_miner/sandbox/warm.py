@@ -7,7 +7,9 @@ namespace costs ~1.5 ms. Both are the same for every job, so `WarmPool` pays
 them between jobs: it keeps a spare group per hierarchy with a *stem* (a fork
 server child that has already joined it and entered its namespace) waiting.
 A job takes one, writes its own limits into the group and hands the stem its
-argv; only rlimits, Landlock and exec remain on its start path.
+argv; only rlimits, Landlock and exec remain on its start path. Spares enter a
+network namespace when jobs get one (the default); once a job allowed the
+network has started cold, one spare without a namespace is kept for the next.
 
 Spare groups are named `warm-<n>.<daemon pid>-<token>` (cgroups.owner_tag). A
 daemon that crashed leaves its (then empty) spares behind; the next one removes
@@ -57,7 +59,9 @@ class WarmPool:
         self._support = support
         self._server = server
         self._netns = netns
-        self._size = size
+        # How many spares of each kind (in a private netns or not) to keep: `size` of
+        # the kind most jobs need; one of the other once a job has asked for it.
+        self._targets: dict[bool, int] = {netns: size}
         self._ready: list[Warm] = []
         self._wanted = trio.Event()
         self._token = secrets.token_hex(3)
@@ -74,18 +78,19 @@ class WarmPool:
         started = False
         try:
             while True:
-                while len(self._ready) < self._size:
+                failed = False
+                while not failed and (kind := self._missing()) is not None:
                     try:
-                        self._ready.append(await self._make())
+                        self._ready.append(await self._make(kind))
                     except Exception as exc:  # never the daemon's end: jobs then start cold
                         self.failures += 1
                         log.warning("warm_start_failed", error=repr(exc), retry_in_s=RETRY_S)
-                        break
+                        failed = True
                 if not started:
                     task_status.started()
                     started = True
                 self._wanted = trio.Event()
-                if len(self._ready) < self._size:
+                if failed:
                     with trio.move_on_after(RETRY_S):
                         await self._wanted.wait()
                 else:
@@ -94,16 +99,23 @@ class WarmPool:
             with trio.CancelScope(shield=True):
                 await self.aclose()
 
-    async def _make(self) -> Warm:
+    def _missing(self) -> bool | None:
+        """A kind of spare (netns or not) below its target, if any."""
+        for netns, target in self._targets.items():
+            if sum(1 for w in self._ready if w.netns == netns) < target:
+                return netns
+        return None
+
+    async def _make(self, netns: bool) -> Warm:
         name = f"{PREFIX}{next(self._seq)}.{owner_tag(self._token)}"
         group = await trio.to_thread.run_sync(JobCgroup.make, self._support, name)
         try:
-            pid, token = await self._server.prestart(group.procs_files, self._netns)
+            pid, token = await self._server.prestart(group.procs_files, netns)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(group.remove)
             raise
-        return Warm(group, pid, token, self._netns)
+        return Warm(group, pid, token, netns)
 
     async def take(self, files: dict[str, dict[str, str]], *, netns: bool) -> Warm | None:
         """A warm start with the job's limits written into its group, or None (start cold)."""
@@ -119,6 +131,11 @@ class WarmPool:
                         await self.drop(warm)
                     return None
                 return warm
+        if not netns and netns not in self._targets:  # (a netns kind exists only by default)
+            # The first job of its kind starts cold; keep one spare for the next ones.
+            log.info("warm_kind_added", netns=netns)
+            self._targets[netns] = 1
+            self._wanted.set()
         return None
 
     async def forget(self, warm: Warm) -> None:

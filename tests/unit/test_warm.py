@@ -171,6 +171,19 @@ async def test_a_stem_that_does_not_fit_the_job_is_not_used(pool, server, tmp_pa
     await trio.to_thread.run_sync(warm.cgroup.remove)
 
 
+async def test_after_a_job_of_the_other_kind_a_spare_of_that_kind_is_kept(pool, server):
+    if server.netns != "ok":
+        pytest.skip("without namespaces every spare is of the one kind")
+    assert await pool.take(limit_files(None, None, None), netns=False) is None  # cold, once
+    await await_for(lambda: pool.ready == 2, timeout=5, what="a spare without a netns")
+    warm = await pool.take(limit_files(None, None, None), netns=False)
+    assert warm is not None and warm.netns is False
+    await await_for(lambda: pool.ready == 2, timeout=5, what="refilled, both kinds")
+    assert sorted(w.netns for w in pool._ready) == [False, True]
+    await pool.forget(warm)
+    await trio.to_thread.run_sync(warm.cgroup.remove)
+
+
 async def test_a_stem_killed_from_outside_falls_back_to_a_cold_start(
     pool, support, server, tmp_path
 ):
