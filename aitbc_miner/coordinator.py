@@ -13,6 +13,7 @@ import email.utils
 import json
 import random
 import ssl
+import time
 import uuid
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -137,6 +138,7 @@ class CoordinatorClient:
         self._on_register = on_register
         self._register_lock = trio.Lock()
         self.token_expires_at: float | None = None
+        self.token_issued_at: float | None = None
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/") + "/",
             timeout=timeout_s,
@@ -174,6 +176,7 @@ class CoordinatorClient:
         register_secret(reply.node_token)
         self._token_generation += 1
         self.token_expires_at = _parse_time(reply.expires_at)
+        self.token_issued_at = time.time()
         if self._on_register is not None:
             self._on_register(reply)
         return reply
@@ -413,6 +416,20 @@ class CoordinatorClient:
     def _count(self, endpoint: str, code: str) -> None:
         if self._metrics is not None:
             self._metrics.requests.labels(endpoint=endpoint, code=code).inc()
+
+
+def token_renewal_due(
+    now: float, issued: float | None, expires: float | None, heartbeat_s: float
+) -> bool:
+    """Pure: renew the node token now? Two heartbeats (+5 s) before it expires, but
+    never earlier than half its lifetime, so a short-lived token is not renewed on
+    every heartbeat."""
+    if expires is None:
+        return False
+    margin = 2 * heartbeat_s + 5
+    if issued is not None and expires > issued:
+        margin = min(margin, (expires - issued) / 2)
+    return expires - now < margin
 
 
 class _Unauthorized(Exception):

@@ -19,6 +19,7 @@ import trio
 
 from .. import probe
 from ..backoff import Backoff, jittered
+from ..coordinator import token_renewal_due
 from ..errors import CoordinatorError, CoordinatorUnavailable, NodeRejected
 from ..gpu import effective_free_mb
 from ..manifest import RegisterReply
@@ -120,7 +121,9 @@ class Registration(AgentParts):
 
     async def _renew_token_if_due(self) -> None:
         expires = self.client.token_expires_at
-        if expires is not None and expires - time.time() < 2 * self.heartbeat_interval + 5:
+        if expires is not None and token_renewal_due(
+            time.time(), self.client.token_issued_at, expires, self.heartbeat_interval
+        ):
             log.info("node_token_renewing", expires_in_s=round(expires - time.time(), 1))
             await self.client.register(retry=False)
 

@@ -22,7 +22,7 @@ import pytest
 import trio
 
 from aitbc_miner import __version__
-from aitbc_miner.coordinator import CoordinatorClient, parse_retry_after
+from aitbc_miner.coordinator import CoordinatorClient, parse_retry_after, token_renewal_due
 from aitbc_miner.errors import CoordinatorUnavailable, JobGone, NodeRejected, RequestRejected
 from aitbc_miner.manifest import RegisterReply
 from aitbc_miner.metrics import Metrics
@@ -717,3 +717,23 @@ def test_parse_retry_after_date_uses_wall_clock_by_default() -> None:
     soon = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=61)
     got = parse_retry_after(format_datetime(soon, True))
     assert got is not None and 59.0 <= got <= 61.0
+
+
+@pytest.mark.parametrize(
+    ("now", "issued", "expires", "due"),
+    [
+        (0, 0, 3600, False),  # a fresh hour-long token
+        (3570, 0, 3600, True),  # 30 s left < 2 heartbeats + 5 s
+        (3560, 0, 3600, False),  # 40 s left
+        (0, 0, 30, False),  # a 30 s token, just issued: not on every heartbeat
+        (14, 0, 30, False),  # 16 s left: more than half its life
+        (16, 0, 30, True),  # 14 s left: less than half its life
+        (100, None, 130, True),  # issue time unknown: 2 heartbeats + 5 s
+        (0, 0, None, False),  # no expiry given: nothing to renew
+        (50, 0, 30, True),  # already expired
+    ],
+)
+def test_token_renewal_is_due_two_heartbeats_early_but_not_before_half_life(
+    now, issued, expires, due
+):
+    assert token_renewal_due(now, issued, expires, heartbeat_s=15) is due
