@@ -10,7 +10,7 @@ exits non-zero unless:
   - every job is final at the coordinator, with the outcome its kind implies;
   - no job has two accepted results;
   - every accepted artifact's sha256 matches what the job wrote;
-  - no process of any job is left running;
+  - no process of any job, and no cgroup of its daemons, is left;
   - no workspace is left in a non-final or unconfirmed state.
 """
 

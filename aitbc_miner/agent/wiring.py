@@ -61,12 +61,17 @@ class Wiring(AgentParts):
             reason=self.sandbox.reason or None,
         )
         if self.sandbox.active and not self.sandbox.favordynmods:
+            who = (
+                "job starts are prepared ahead so jobs do not wait, except cold starts "
+                "(the first network: true job, more jobs at once than spares)"
+                if self.cfg.resources.warm_starts
+                else "every job start waits for it (resources.warm_starts is off)"
+            )
             log.info(
                 "cgroup_moves_slow",
                 detail="moving a process into a cgroup waits ~10-20 ms for the kernel here; "
-                "job starts are prepared ahead so jobs do not wait, except cold starts "
-                "(the first network: true job, more jobs at once than spares). Mount cgroup2 with "
-                "favordynmods (or boot with cgroup_favordynmods=true) to make it ~0.3 ms",
+                f"{who}. Mount cgroup2 with favordynmods (or boot with "
+                "cgroup_favordynmods=true) to make it ~0.3 ms",
             )
         if self.forkserver.netns != "ok":
             log.warning(

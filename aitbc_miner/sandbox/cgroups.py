@@ -1,13 +1,16 @@
 """Per-job cgroups: cgroup v2 where the daemon owns a writable subtree, the v1
 memory and pids controllers as a fallback where cgroup2 lacks them.
 
-I/O: the cgroup filesystems only. `detect()` runs once at start and says what
+I/O: the cgroup filesystems (and /proc, to see whether a group's owner still
+runs). `detect()` runs once at start and says what
 this host can enforce; `JobCgroup` creates one job's groups, which the job's
 own process joins between fork and exec (fork server), so no code of the job
 runs outside them. OOM kills are told apart from other deaths by
 `memory.events` (v2) or `memory.oom_control` (v1). `kill()` reaches every
 process of the job, even ones that escaped its process group (setsid, double
-fork). The pure limit computation is `limit_files()`.
+fork). The pure limit computation is `limit_files()`. Every group's name ends
+in its daemon's `owner_tag()`; `remove_stale()` removes, at start, the empty
+groups of daemons that are gone.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """Fork server: starts job processes with their limits applied between fork and exec.
 
-Runs as its own single-threaded process (`python -I -S forkserver.py FD`),
+Runs as its own single-threaded process (`python -I -S forkserver.py FD [EXEC_TIMEOUT_S]`),
 standard library only, started once by the daemon. The daemon is threaded,
 so it must not run Python between fork and exec (no preexec_fn); this process
 has no threads, so its forked child may: setsid, umask 077, join the job's
 cgroups, a private network namespace with only loopback, setrlimit, nice,
 ionice, PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, a Landlock filesystem view
-limited to the job's own workspace and the system directories, then execve.
+limited to the job's own workspace and the system directories (ABI >= 6: also
+signals and abstract unix sockets scoped to the job's own processes; ABI >= 4,
+when asked for hosts without namespaces: no TCP bind/connect), then execve.
 
 The first half (`prepare`: session, cgroups, network namespace) does not
 depend on the job, and it is the slow half: a `cgroup.procs` move waits for an

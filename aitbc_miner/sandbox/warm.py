@@ -4,8 +4,9 @@ I/O: the cgroup filesystems and the fork server. Moving a process into a
 cgroup waits for an RCU grace period, about 10 ms per hierarchy on an idle
 host (v2 tracking plus v1 memory and pids here: ~25 ms), and a private network
 namespace costs ~1.5 ms. Both are the same for every job, so `WarmPool` pays
-them between jobs: it keeps a spare group per hierarchy with a *stem* (a fork
-server child that has already joined it and entered its namespace) waiting.
+them between jobs: it keeps one or two spare job groups (each spanning every
+hierarchy in use), each with a *stem* (a fork server child that has already
+joined it and entered its namespace) waiting.
 A job takes one, writes its own limits into the group and hands the stem its
 argv; only rlimits, Landlock and exec remain on its start path. Spares enter a
 network namespace when jobs get one (the default); once a job allowed the
