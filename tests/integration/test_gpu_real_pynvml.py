@@ -46,6 +46,7 @@ from tests.support import fake_nvml, nvml_shim
 from tests.support.fake_nvml import FakeNvml
 from tests.support.jobs import sh_job, wait_final
 from tests.support.minerproc import REPO
+from tests.support.procs import fake_job_processes
 from tests.support.wait import wait_for
 
 MIB = 1024 * 1024
@@ -542,23 +543,17 @@ async def test_sweep_on_a_pre_r510_driver_kills_the_jobs_process(legacy_shim, sp
 
 @pytest.fixture
 def spawn() -> Iterator[Callable[[str], subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
+    with fake_job_processes() as start_process:
 
-    def start(job_id: str) -> subprocess.Popen[bytes]:
-        env = {"PATH": "/usr/bin:/bin", "AITBC_JOB_ID": job_id, "AITBC_ATTEMPT": "1"}
-        proc = subprocess.Popen(["sleep", "60"], env=env, start_new_session=True)
-        procs.append(proc)
-        deadline = time.monotonic() + 5  # its environ is the parent's until exec
-        while (facts := read_facts(proc.pid)) is None or facts.env_job_id != job_id:
-            assert time.monotonic() < deadline, "child never showed its environment"
-            time.sleep(0.01)
-        return proc
+        def start(job_id: str) -> subprocess.Popen[bytes]:
+            proc = start_process(job_id)
+            deadline = time.monotonic() + 5  # its environ is the parent's until exec
+            while (facts := read_facts(proc.pid)) is None or facts.env_job_id != job_id:
+                assert time.monotonic() < deadline, "child never showed its environment"
+                time.sleep(0.01)
+            return proc
 
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        yield start
 
 
 async def test_sweep_kills_the_jobs_process_nvml_lists_and_spares_a_stranger(shim, spawn):

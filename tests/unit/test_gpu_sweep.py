@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 
@@ -14,6 +13,7 @@ from aitbc_miner.gpu_sweep import JobMark, ProcFacts, belongs, read_facts, sweep
 from aitbc_miner.metrics import Metrics
 from tests.support import fake_nvml
 from tests.support.fake_nvml import FakeNvml
+from tests.support.procs import fake_job_processes
 
 UID = os.getuid()
 
@@ -66,19 +66,8 @@ def test_a_pgid_of_one_or_none_matches_nothing():
 
 @pytest.fixture
 def spawn() -> Iterator:
-    procs: list[subprocess.Popen] = []
-
-    def start(job_id: str, attempt: int = 1) -> subprocess.Popen:
-        env = {"PATH": "/usr/bin:/bin", "AITBC_JOB_ID": job_id, "AITBC_ATTEMPT": str(attempt)}
-        proc = subprocess.Popen(["sleep", "60"], env=env, start_new_session=True)
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+    with fake_job_processes() as start:
+        yield start
 
 
 def read_env_facts(pid: int) -> ProcFacts:
