@@ -31,22 +31,28 @@ log = structlog.get_logger(__name__)
 class Wiring(AgentParts):
     """The job context and the sandbox report (a part of Agent)."""
 
+    @property
+    def landlock_abi(self) -> int:
+        """The Landlock ABI jobs get: the kernel's, or 0 with resources.landlock off."""
+        return self.forkserver.landlock_abi if self.cfg.resources.landlock else 0
+
     def sandbox_status(self) -> dict[str, Any]:
         enforced = dict(self.sandbox.enforced())
+        abi = self.landlock_abi
         if self.forkserver.netns == "ok":
             enforced["network"] = "private namespace (loopback only)"
-        elif self.cfg.resources.landlock and self.forkserver.landlock_abi >= 4:
+        elif abi >= 4:
             enforced["network"] = "TCP only (landlock: no TCP connect/bind; UDP still open)"
         else:
             enforced["network"] = "NOT ISOLATED"
         enforced["filesystem"] = (
-            f"landlock ABI {self.forkserver.landlock_abi} (own workspace + system dirs)"
-            if self.cfg.resources.landlock and self.forkserver.landlock_abi > 0
+            f"landlock ABI {abi} (own workspace + system dirs)"
+            if abi > 0
             else "NOT CONFINED (uid and file modes only)"
         )
         enforced["signals"] = (
             "own processes only (landlock scope)"
-            if self.cfg.resources.landlock and self.forkserver.landlock_abi >= 6
+            if abi >= 6
             else "NOT SCOPED (any process of the daemon's uid)"
         )
         enforced["rlimits"] = "nofile, nproc, fsize, core=0; no_new_privs; nice/ionice"
@@ -112,8 +118,8 @@ class Wiring(AgentParts):
                 max_processes=self.cfg.resources.max_processes,
             ),
             netns=self.forkserver.netns == "ok",
-            landlock=self.cfg.resources.landlock and self.forkserver.landlock_abi > 0,
-            landlock_abi=self.forkserver.landlock_abi,
+            landlock=self.landlock_abi > 0,
+            landlock_abi=self.landlock_abi,
             python_read=python_read_paths(self.cfg),
             cache=open_cache(
                 self.cfg.cache.root, self.cfg.cache.max_gb, self.cfg.cache.pinned, self.metrics
