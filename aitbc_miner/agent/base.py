@@ -58,6 +58,9 @@ class AgentParts:
     _early_signals: list[int]
     _inflight_pull: tuple[trio.CancelScope, dict[str, Any]] | None
     _heartbeat_now: trio.Event
+    _heartbeats_stopping: bool
+    _heartbeats_done: trio.Event
+    _heartbeat_scope: trio.CancelScope
     _startup_scope: trio.CancelScope
     _pull_scope: trio.CancelScope
     _jobs_scope: trio.CancelScope | None

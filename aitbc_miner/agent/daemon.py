@@ -104,6 +104,9 @@ class Agent(Registration, Pulling, Recovering, GpuClaims, Draining, Wiring):
         self.health_urls: list[str] = []
         self._changed = trio.Event()
         self._heartbeat_now = trio.Event()
+        self._heartbeats_stopping = False
+        self._heartbeats_done = trio.Event()
+        self._heartbeat_scope = trio.CancelScope()
         self._startup_scope = trio.CancelScope()
         self._pull_scope = trio.CancelScope()
         self._jobs_scope: trio.CancelScope | None = None
@@ -261,6 +264,7 @@ class Agent(Registration, Pulling, Recovering, GpuClaims, Draining, Wiring):
                         root.start_soon(self._heartbeat_loop)
                         root.start_soon(self._sweep_loop)
                         await self._serve_jobs(self._job_context(downloads))
+                        await self._stop_heartbeats()
                         await self._deregister()
                     root.cancel_scope.cancel()
         finally:

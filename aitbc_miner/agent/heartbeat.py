@@ -81,10 +81,30 @@ class Registration(AgentParts):
         return body
 
     async def _heartbeat_loop(self) -> None:
+        try:
+            with self._heartbeat_scope:
+                await self._heartbeats()
+        finally:
+            self._heartbeats_done.set()
+
+    async def _stop_heartbeats(self) -> None:
+        """Before deregistering: no heartbeat may reach the coordinator after it.
+
+        One in flight is let finish (cancelling it could not unsend it); one that
+        hangs past the coordinator timeout is cancelled.
+        """
+        self._heartbeats_stopping = True
+        self._heartbeat_now.set()
+        with trio.move_on_after(self.cfg.coordinator.timeout_s):
+            await self._heartbeats_done.wait()
+        self._heartbeat_scope.cancel()
+        await self._heartbeats_done.wait()
+
+    async def _heartbeats(self) -> None:
         hb = self.cfg.heartbeat
         backoff = Backoff(hb.backoff.min_s, hb.backoff.max_s, self.rng)
         seq = 0
-        while True:
+        while not self._heartbeats_stopping:
             seq += 1
             if self.inventory.active:  # NVML errors mark devices unavailable, never stop this
                 self.gpus = await trio.to_thread.run_sync(self.inventory.snapshot)
@@ -115,6 +135,8 @@ class Registration(AgentParts):
                         handle.cancel("coordinator")
                 delay = jittered(self.heartbeat_interval, hb.jitter_pct, self.rng)
             self.mark_loop_progress(delay)
+            if self._heartbeats_stopping:  # asked while this one was in flight
+                break
             self._heartbeat_now = trio.Event()
             with trio.move_on_after(delay):
                 await self._heartbeat_now.wait()

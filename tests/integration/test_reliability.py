@@ -219,6 +219,21 @@ def test_drain_lets_running_job_finish_within_grace(mock, miner_factory):
     assert node["violations"] == 0, node["violation_log"]
 
 
+def test_no_heartbeat_reaches_the_coordinator_after_deregister(mock, miner_factory):
+    """A heartbeat in flight when the drain ends must land before the deregister."""
+    miner = miner_factory(mock)
+    wait_for(lambda: mock.admin.node("node-test")["heartbeats"], timeout=20, what="heartbeats")
+    # The mock holds every heartbeat 0.8 s before handling it; the drain (no jobs)
+    # wakes one at once and is over long before that.
+    mock.admin.fault(endpoint="nodes/heartbeat", latency_ms=[800, 800])
+    miner.signal(signal.SIGTERM)
+    assert miner.proc.wait(timeout=30) == 0, miner.tail()
+    node = mock.admin.node("node-test")
+    assert node["deregistered"] is True
+    assert node["heartbeats"][-1]["body"]["state"] == "draining"
+    assert node["violations"] == 0, node["violation_log"]
+
+
 def test_drain_cancels_job_past_grace(mock, miner_factory):
     miner = miner_factory(mock, AITBC_MINER_SHUTDOWN__GRACE_S="1")
     mock.admin.enqueue(sh_job("drain-late", "echo $$ > leader.pid; sleep 300"), retry=False)
